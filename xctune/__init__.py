@@ -1,0 +1,1 @@
+"""xctune: find device maps that run, fit and are fast for InternLM-XComposer."""

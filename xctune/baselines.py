@@ -1,0 +1,102 @@
+"""The maps people use today, to measure against.
+
+- `authors`: the model authors' helper (examples/utils.py `auto_configure_device_map` in the
+  InternLM-XComposer repo): vision, embeddings and head count as 3 of 38 layer-equivalents,
+  the 32 decoder layers are dealt out in order at 38 / N per GPU, the head goes on the last GPU.
+  It ignores memory, dtype, card speed and the KV cache.
+- `accelerate-sequential` / `accelerate-balanced`: accelerate's `infer_auto_device_map`
+  (balanced = with `get_balanced_memory`, what `device_map="auto"` does), computed on a `meta`
+  instance of the model. These may break co-location; `repair` gives the nearest valid map.
+- `single`: everything on GPU 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .errors import BadInput
+from .hardware import Cluster
+from .models import XComposer
+from .plan import Plan, resolve
+from .profile import DTYPES, ModelProfile
+
+BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single")
+NO_SPLIT = ["DecoderLayer", "CLIPEncoderLayer"]
+
+
+def authors_map(profile: ModelProfile, n_gpus: int) -> dict:
+    if n_gpus < 1:
+        raise BadInput("the authors' heuristic needs at least one GPU")
+    per_gpu = 38 / n_gpus
+    dmap: dict = {"vit": 0, "vision_proj": 0, "model.tok_embeddings": 0}
+    dmap.update({p: 0 for p in profile.root_parameters})
+    dmap.update({"model.norm": n_gpus - 1, "output": n_gpus - 1})
+    used, gpu = 3, 0
+    for layer in profile.layers:
+        if used >= per_gpu:
+            gpu, used = gpu + 1, 0
+        dmap[layer] = gpu
+        used += 1
+    return dmap
+
+
+def accelerate_map(profile: ModelProfile, cluster: Cluster, dtype: str, strategy: str = "balanced") -> dict:
+    """accelerate's own answer for this model and cluster (which may be invalid)."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    # accelerate warns that the devices it plans for are absent: true here, and beside the point
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
+    with torch.device("meta"):
+        model = XComposer(profile.config)
+    model.to(DTYPES[dtype])
+    max_memory: dict = {i: cluster.usable_bytes(i) for i in range(len(cluster.gpus))}
+    max_memory["cpu"] = 2**50  # overflow goes to host RAM (without this key accelerate sends it to disk)
+    if strategy == "balanced":
+        max_memory = get_balanced_memory(
+            model, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=DTYPES[dtype]
+        )
+    elif strategy != "sequential":
+        raise BadInput(f"unknown accelerate strategy {strategy!r}; use sequential or balanced")
+    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=DTYPES[dtype])
+    if set(dmap) == {""}:  # everything fits one device: accelerate says {"": 0}
+        return {"": dmap[""]}
+    return dict(dmap)
+
+
+def single_map(profile: ModelProfile) -> dict:
+    return {u.name: 0 for u in profile.units}
+
+
+def baseline_map(name: str, profile: ModelProfile, cluster: Cluster, dtype: str = "fp32") -> dict:
+    if name == "authors":
+        return authors_map(profile, len(cluster.gpus))
+    if name == "accelerate-sequential":
+        return accelerate_map(profile, cluster, dtype, "sequential")
+    if name == "accelerate-balanced":
+        return accelerate_map(profile, cluster, dtype, "balanced")
+    if name == "single":
+        return single_map(profile)
+    raise BadInput(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+
+
+def baseline_plan(name: str, profile: ModelProfile, cluster: Cluster, dtype: str = "fp32") -> Plan:
+    return Plan.uniform(baseline_map(name, profile, cluster, dtype), dtype, label=name)
+
+
+def repair(device_map: dict, profile: ModelProfile) -> dict:
+    """The nearest map that keeps the co-location group together: move the image path to the embeddings."""
+    res = resolve(device_map, profile)
+    anchor = res.device_of_unit("model.tok_embeddings")
+    if anchor is None or anchor in ("cpu", "disk"):
+        anchor = min((d for d in device_map.values() if isinstance(d, int)), default=0)
+    fixed = {}
+    for key, dev in device_map.items():
+        if key in ("vit", "vision_proj") or key.startswith(("vit.", "vision_proj.")) or key in profile.root_parameters:
+            continue
+        fixed[key] = dev
+    fixed.update({"vit": anchor, "vision_proj": anchor})
+    fixed.update({p: anchor for p in profile.root_parameters})
+    return fixed

@@ -1,0 +1,384 @@
+"""`xctune check`: will this map run on this cluster, and how full will each card be?
+
+Two judges, fast then thorough:
+1. static rules over the module tree (coverage, names, devices, co-location, contiguity,
+   weight memory) — milliseconds, precise messages, suggested repairs;
+2. the dry run (virtual.py): the real forward under fake tensors with accelerate's hooks. It
+   decides what truly fails, and measures transfers and activation + KV-cache memory.
+Where the two disagree, the dry run wins and the report says so.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from .hardware import GiB, Cluster
+from .placement import OFFLOAD_TIERS, exec_location, main_location
+from .plan import Plan, Resolution, resolve
+from .profile import DTYPE_BYTES, LAYER_PREFIX, ModelProfile, unit_of_parameter
+from .virtual import VirtualRun, virtual_run
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error": the map will fail; "warning": it runs but wastes time or memory; "note"
+    code: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "code": self.code, "message": self.message}
+
+
+def dev_name(d) -> str:
+    return f"cuda:{d}" if isinstance(d, int) else str(d)
+
+
+def _names(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# ------------------------------------------------------------------------------------------
+# memory: weights per device
+
+
+def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
+    """Bytes of weights per device (GPU index, "cpu", "disk").
+
+    Parameters sit where the map puts them; buffers (rotary tables) and root-level parameters
+    stay on the execution device, as accelerate's hooks leave them.
+    """
+    main = main_location(plan.device_map)
+    out: dict = {}
+    root = set(profile.root_parameters)
+    for name, numel in profile.param_numels:
+        dev = res.param_device.get(name)
+        if dev is None:
+            continue
+        if name in root:
+            dev = main
+        nbytes = numel * DTYPE_BYTES[plan.unit_dtype(name, profile)]
+        out[dev] = out.get(dev, 0) + nbytes
+    for name, numel in profile.buffer_numels:
+        unit = unit_of_parameter(name)
+        devs = [d for p, d in res.param_device.items() if unit_of_parameter(p) == unit]
+        if not devs:
+            continue
+        dev = exec_location(devs[0], main)
+        width = 8 if name.endswith("position_ids") else DTYPE_BYTES[plan.unit_dtype(name, profile)]
+        out[dev] = out.get(dev, 0) + numel * width
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# static rules
+
+
+def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution) -> list[Finding]:
+    f: list[Finding] = []
+    known = sorted({u.name for u in profile.units} | {n for n, _ in profile.param_numels})
+    for key in res.unknown_keys:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        f.append(Finding("error", "unknown-module", f"unknown module {key!r}{hint}"))
+    if res.uncovered:
+        units = list(dict.fromkeys(unit_of_parameter(n) for n in res.uncovered))
+        f.append(
+            Finding(
+                "error",
+                "uncovered",
+                f"{len(res.uncovered)} parameters are not placed, in {_names(units[:6])}"
+                + (f" and {len(units) - 6} more" if len(units) > 6 else "")
+                + "; accelerate rejects such a map",
+            )
+        )
+    for name, keys in res.covered_twice[:5]:
+        f.append(Finding("error", "covered-twice", f"{name!r} is placed twice, by {_names(repr(k) for k in keys)}"))
+    if len(res.covered_twice) > 5:
+        f.append(Finding("error", "covered-twice", f"{len(res.covered_twice) - 5} more parameters are placed twice"))
+
+    n = len(cluster.gpus)
+    outside: dict[int, list[str]] = {}
+    for key, dev in plan.device_map.items():
+        if isinstance(dev, int) and dev >= n:
+            outside.setdefault(dev, []).append(key)
+    for dev, keys in sorted(outside.items()):
+        what = repr(keys[0]) if len(keys) == 1 else f"{len(keys)} entries ({keys[0]!r}, ...)"
+        f.append(Finding("error", "unknown-device", f"{what} on cuda:{dev}, but the cluster has {n} GPU(s): cuda:0-{n - 1}"))
+    for i in plan.gpus:
+        if i < n:
+            for group, dtype in plan.dtypes.items():
+                if not cluster.gpus[i].supports(dtype) and any(
+                    res.device_of_unit(u) == i for u in profile.units_in_group(group)
+                ):
+                    f.append(
+                        Finding("error", "dtype", f"{group} runs in {dtype} on cuda:{i} ({cluster.gpus[i].name}), which has no {dtype} support")
+                    )
+    f += _colocation(plan, profile, res)
+    f += _path_warnings(plan, profile, res)
+    main = main_location(plan.device_map)
+    for p in profile.root_parameters:
+        d = res.param_device.get(p)
+        if d is not None and d != main:
+            f.append(
+                Finding(
+                    "warning",
+                    "root-parameter",
+                    f"{p} is mapped to {dev_name(d)}, but accelerate keeps root-level parameters on the main device {dev_name(main)}",
+                )
+            )
+    return f
+
+
+def _colocation(plan, profile, res) -> list[Finding]:
+    group = [u for u in profile.colocation if u in res.unit_devices]
+    where = {u: res.unit_devices[u] for u in group}
+    devices = {d for ds in where.values() for d in ds}
+    if len(devices) <= 1:
+        return []
+    anchor = res.device_of_unit("model.tok_embeddings")
+    if anchor is None or anchor in OFFLOAD_TIERS:
+        anchor = main_location(plan.device_map)
+    movers = [u for u in group if where[u] != (anchor,)]
+    placed = ", ".join(f"{u} on {'/'.join(dev_name(d) for d in where[u])}" for u in group)
+    return [
+        Finding(
+            "error",
+            "colocation",
+            f"co-location group split across devices: {placed}; the image and text embeddings are joined by a "
+            f"torch.cat at top level, outside any hook. Repair: put {_names(movers)} on {dev_name(anchor)}",
+        )
+    ]
+
+
+def lm_path(profile: ModelProfile) -> list[str]:
+    return ["model.tok_embeddings", *profile.layers, *profile.head]
+
+
+def _path_warnings(plan, profile, res) -> list[Finding]:
+    main = main_location(plan.device_map)
+    path = [exec_location(res.device_of_unit(u), main) for u in lm_path(profile) if res.device_of_unit(u) is not None]
+    if len(path) < 2:
+        return []
+    crossings = sum(1 for a, b in zip(path, path[1:]) if a != b)
+    minimum = len(set(path)) - 1
+    out = []
+    # layers: one contiguous run per device
+    runs: dict = {}
+    prev = None
+    for u in profile.layers:
+        d = res.device_of_unit(u)
+        if d is not None and d != prev:
+            runs.setdefault(d, []).append(int(u[len(LAYER_PREFIX):]))
+        prev = d
+    broken = {d: r for d, r in runs.items() if len(r) > 1}
+    for d, starts in broken.items():
+        out.append(
+            Finding(
+                "warning",
+                "non-contiguous",
+                f"decoder layers on {dev_name(d)} form {len(starts)} separate runs (starting at layers "
+                f"{', '.join(map(str, starts))}): {len(starts) - 1} extra device crossing(s) each way per forward",
+            )
+        )
+    if crossings > minimum and not broken:
+        out.append(
+            Finding(
+                "warning",
+                "extra-hop",
+                f"the language-model path crosses devices {crossings} times per forward where {minimum} would do "
+                f"({' -> '.join(dev_name(d) for d in _dedupe(path))}): {crossings - minimum} extra hidden-state transfer(s) per forward",
+            )
+        )
+    offloaded = [u for u in profile.layers if res.device_of_unit(u) in OFFLOAD_TIERS]
+    if offloaded:
+        out.append(
+            Finding(
+                "note",
+                "offload",
+                f"{len(offloaded)} decoder layer(s) offloaded: their weights stream to {dev_name(main)} at every token",
+            )
+        )
+    return out
+
+
+def _dedupe(path):
+    out = []
+    for d in path:
+        if not out or out[-1] != d:
+            out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the report
+
+
+@dataclass
+class DeviceUsage:
+    device: object  # GPU index
+    name: str
+    weights_bytes: int
+    activation_bytes: int  # live activations + KV cache at its peak (dry run)
+    kv_bytes: int
+    capacity_bytes: int  # usable: total minus headroom
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "device": dev_name(self.device),
+            "gpu": self.name,
+            "weights_bytes": self.weights_bytes,
+            "activation_bytes": self.activation_bytes,
+            "kv_bytes": self.kv_bytes,
+            "total_bytes": self.total_bytes,
+            "capacity_bytes": self.capacity_bytes,
+        }
+
+
+@dataclass
+class CheckReport:
+    plan: Plan
+    cluster: Cluster
+    workload: Workload
+    findings: list[Finding]
+    devices: list[DeviceUsage] = field(default_factory=list)
+    offloaded_bytes: dict = field(default_factory=dict)  # "cpu"/"disk" -> bytes of weights there
+    dry_run: VirtualRun | None = None
+    profile: ModelProfile | None = None
+
+    @property
+    def model(self) -> str:
+        return self.profile.config.name if self.profile else ""
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def transfer_bytes(self, phase: str) -> int:
+        if self.dry_run is None:
+            return 0
+        return sum(m.nbytes for m in self.dry_run.moves if m.phase == phase and m.kind != "weights")
+
+    def to_dict(self) -> dict:
+        dr = self.dry_run
+        links: dict = {}
+        if dr is not None:
+            for m in dr.moves:
+                if m.phase in ("vision", "prefill", "decode"):
+                    key = f"{dev_name(m.src)}->{dev_name(m.dst)}"
+                    links.setdefault(key, {}).setdefault(m.phase, 0)
+                    links[key][m.phase] += m.nbytes
+        return {
+            "ok": self.ok,
+            "model": self.model,
+            "cluster": self.cluster.describe(),
+            "dtypes": self.plan.dtypes,
+            "workload": self.workload.to_dict(),
+            "errors": [f.message for f in self.errors],
+            "warnings": [f.message for f in self.warnings],
+            "findings": [f.to_dict() for f in self.findings],
+            "dry_run": None
+            if dr is None
+            else {"ok": dr.ok, "failure": dr.failure.describe() if dr.failure else None, "seconds": round(dr.seconds, 3), "source": "simulated"},
+            "devices": [d.to_dict() for d in self.devices],
+            "offloaded_bytes": {str(k): v for k, v in self.offloaded_bytes.items()},
+            "transfer_bytes_per_forward": self.transfer_bytes("prefill"),
+            "transfer_bytes_per_decode_step": self.transfer_bytes("decode"),
+            "transfer_bytes_by_link": links,
+        }
+
+    def render(self) -> str:
+        lines = [f"xctune check: {self.model} on {self.cluster.describe()}, dtypes {self.plan.dtype_label}"]
+        lines.append(f"workload: {self.workload.describe(self.profile.config)}")
+        if self.devices:
+            lines.append("")
+            lines.append(f"{'device':<8} {'gpu':<10} {'weights':>9} {'act+KV':>9} {'total':>9} {'usable':>9} {'use':>5}")
+            for d in self.devices:
+                use = d.total_bytes / d.capacity_bytes if d.capacity_bytes else float("inf")
+                flag = "  OVER" if use > 1 else ""
+                lines.append(
+                    f"{dev_name(d.device):<8} {d.name:<10} {d.weights_bytes / GiB:>7.2f}Gi {d.activation_bytes / GiB:>7.2f}Gi "
+                    f"{d.total_bytes / GiB:>7.2f}Gi {d.capacity_bytes / GiB:>7.2f}Gi {use:>5.0%}{flag}"
+                )
+            for tier, b in self.offloaded_bytes.items():
+                lines.append(f"{tier:<8} {'(offload)':<10} {b / GiB:>7.2f}Gi")
+            lines.append("(act+KV: live activations and KV cache at their peak, from the dry run: simulated)")
+        dr = self.dry_run
+        lines.append("")
+        if dr is None:
+            lines.append("dry run: not run (fix the errors above first)")
+        elif dr.ok:
+            lines.append(
+                f"dry run: ran ({dr.seconds:.1f} s on fake tensors); per forward over the prompt "
+                f"{self.transfer_bytes('prefill') / 1e6:.1f} MB cross devices, per decode step {self.transfer_bytes('decode') / 1e6:.2f} MB"
+            )
+        else:
+            lines.append(f"dry run: FAILS: {dr.failure.describe()}")
+        for f in self.findings:
+            lines.append(f"{f.level}: {f.message}")
+        lines.append("")
+        lines.append("verdict: " + ("the map will run" if self.ok else f"the map will fail ({len(self.errors)} error(s))"))
+        return "\n".join(lines)
+
+
+_STRUCTURAL = {"unknown-module", "uncovered", "covered-twice", "unknown-device", "dtype"}
+
+
+def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload) -> CheckReport:
+    res = resolve(plan.device_map, profile)
+    findings = static_findings(plan, profile, cluster, res)
+    report = CheckReport(plan, cluster, workload, findings, profile=profile)
+    if any(f.code in _STRUCTURAL for f in findings):
+        return report  # accelerate would refuse the map before running anything
+    dr = virtual_run(profile, plan, workload)
+    report.dry_run = dr
+    static_coloc = any(f.code == "colocation" for f in findings)
+    if dr.failure is not None:
+        if not (static_coloc and dr.failure.kind == "device-mismatch"):
+            findings.append(Finding("error", dr.failure.kind, f"dry run fails: {dr.failure.describe()}"))
+        else:
+            findings[:] = [
+                Finding(f.level, f.code, f.message + f"; the dry run confirms: {dr.failure.describe()}")
+                if f.code == "colocation"
+                else f
+                for f in findings
+            ]
+    elif static_coloc:
+        # the static rule is conservative: the dry run shows this split runs (e.g. vit alone elsewhere)
+        findings[:] = [
+            Finding("warning", "colocation-relaxed", f.message.split("; the image")[0] + ": the static rule "
+                    "forbids this, but the dry run shows it runs (the output crosses devices instead)")
+            if f.code == "colocation" else f
+            for f in findings
+        ]
+    weights = weight_bytes(plan, profile, res)
+    report.offloaded_bytes = {t: weights[t] for t in OFFLOAD_TIERS if t in weights}
+    for i, gpu in enumerate(cluster.gpus):
+        act = dr.peak_bytes.get(i, 0) if dr.ok else 0
+        usage = DeviceUsage(i, gpu.name, weights.get(i, 0), act, dr.kv_bytes.get(i, 0), cluster.usable_bytes(i))
+        report.devices.append(usage)
+        if usage.total_bytes > usage.capacity_bytes:
+            findings.append(
+                Finding(
+                    "error",
+                    "memory",
+                    f"cuda:{i} ({gpu.name}) needs {usage.total_bytes / GiB:.2f} GiB (weights {usage.weights_bytes / GiB:.2f} + "
+                    f"activations/KV {usage.activation_bytes / GiB:.2f}) but has {usage.capacity_bytes / GiB:.2f} GiB usable "
+                    f"({cluster.headroom:.0%} headroom)",
+                )
+            )
+    return report

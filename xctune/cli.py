@@ -1,0 +1,214 @@
+"""The `xctune` command: a thin layer over the Python API.
+
+Exit codes, for every subcommand: 0 success (for `check`: the map will run), 1 the thing asked
+about fails (a map that will not run, a regression), 2 bad input (one line on stderr), 130
+interrupted. An unexpected internal error prints one line too (XCTUNE_DEBUG=1 shows the
+traceback) and exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .errors import BadInput
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="ixc2-vl-7b",
+        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b) or a checkpoint directory (default: %(default)s)",
+    )
+
+
+def _add_cluster(p: argparse.ArgumentParser, default: str | None = "2x24GiB") -> None:
+    p.add_argument(
+        "--gpus",
+        default=default,
+        help="GPUs: comma-separated [N x]KIND, KIND a preset (rtx4090, a100-40g, ...) or a memory size (24GiB)"
+        + (" (default: %(default)s)" if default else ""),
+    )
+    p.add_argument("--link", default="pcie4", help="link between GPUs: pcie3, pcie4, pcie5, nvlink2-4 (default: %(default)s)")
+    p.add_argument(
+        "--headroom", type=float, default=0.10, help="fraction of each GPU's memory kept free (default: %(default)s)"
+    )
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload (synthetic, deterministic inputs)")
+    g.add_argument("--images", type=int, default=None, help="images per prompt (default 1)")
+    g.add_argument("--prompt-tokens", type=int, default=None, help="text tokens per prompt (default 64)")
+    g.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 32)")
+    g.add_argument("--batch", type=int, default=None, help="prompts per batch (default 1)")
+    g.add_argument("--hd-layout", default=None, help="HD models: crop grid of each image, ROWSxCOLS (default: the preset's)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the synthetic inputs (default 0)")
+
+
+def _workload(args, base=None):
+    from dataclasses import replace
+
+    from .workload import Workload, parse_layout
+
+    w = base or Workload()
+    changes = {
+        k: getattr(args, k)
+        for k in ("images", "prompt_tokens", "new_tokens", "batch", "seed")
+        if getattr(args, k, None) is not None
+    }
+    if getattr(args, "hd_layout", None):
+        changes["hd_layout"] = parse_layout(args.hd_layout)
+    return replace(w, **changes)
+
+
+def _cluster(args):
+    from .hardware import make_cluster
+
+    if not args.gpus:
+        raise BadInput("--gpus is required (e.g. --gpus 2x24GiB)")
+    return make_cluster(args.gpus, link=args.link, headroom=args.headroom)
+
+
+def _plan_from_args(args, profile, cluster):
+    """A plan from MAP (a file) or --baseline NAME; exactly one of them."""
+    from .baselines import baseline_plan
+    from .plan import load_plan
+
+    if bool(args.map) == bool(args.baseline):
+        raise BadInput("give a map file or --baseline NAME (authors, accelerate-sequential, accelerate-balanced, single)")
+    if args.baseline:
+        return baseline_plan(args.baseline, profile, cluster, args.dtype or "fp32")
+    return load_plan(args.map, dtype=args.dtype)
+
+
+def _emit_json(obj) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def cmd_check(args) -> int:
+    from .check import check
+    from .models.loading import resolve_model
+
+    spec = resolve_model(args.model)
+    cluster = _cluster(args)
+    plan = _plan_from_args(args, spec.profile, cluster)
+    report = check(plan, spec.profile, cluster, _workload(args))
+    if args.json:
+        _emit_json(report.to_dict())
+    else:
+        print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_constraints(args) -> int:
+    from .constraints import constraint_report
+    from .models.loading import resolve_model
+
+    spec = resolve_model(args.model)
+    rep = constraint_report(spec.profile)
+    if args.json:
+        _emit_json(rep.to_dict())
+    else:
+        print(rep.render())
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .hardware import GPU_PRESETS, LINK_PRESETS, GiB
+    from .models import PRESETS
+    from .profile import profile_of
+
+    rows = {
+        "models": {n: {"params": profile_of(c).total_params, "image_tokens": c.image_tokens()} for n, c in PRESETS.items()},
+        "gpus": {
+            n: {"memory_GiB": g.memory_bytes / GiB, "tflops": dict(g.tflops), "mem_bw_gbs": g.mem_bw_gbs, "source": g.source}
+            for n, g in GPU_PRESETS.items()
+        },
+        "links": {n: {"bandwidth_gbs": l.bandwidth_gbs, "latency_us": l.latency_us} for n, l in LINK_PRESETS.items()},
+    }
+    if args.json:
+        _emit_json(rows)
+        return 0
+    print("models:")
+    for n, r in rows["models"].items():
+        print(f"  {n:<14} {r['params'] / 1e9:>6.2f} B params, {r['image_tokens']} tokens per image")
+    print("gpus:")
+    for n, r in rows["gpus"].items():
+        tf = ", ".join(f"{k} {v:g}" for k, v in r["tflops"].items())
+        print(f"  {n:<10} {r['memory_GiB']:>5.0f} GiB  {r['mem_bw_gbs']:>6.0f} GB/s  TFLOP/s: {tf}")
+    print("links:")
+    for n, r in rows["links"].items():
+        print(f"  {n:<11} {r['bandwidth_gbs']:>6g} GB/s  {r['latency_us']:g} us")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xctune",
+        description="Device maps for InternLM-XComposer across several GPUs: check them, benchmark them, search for the best.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "check",
+        help="will this device map run on this cluster, and how full will each card be?",
+        description="Static rules plus a dry run of the real forward pass on virtual GPUs (fake tensors, "
+        "accelerate's hooks). Exit 0: the map will run; 1: it will fail; 2: bad input.",
+    )
+    p.add_argument("map", nargs="?", help="device map JSON ({module: GPU index | 'cpu' | 'disk'}) or a plan JSON")
+    p.add_argument("--baseline", help="check a named map instead: authors, accelerate-sequential, accelerate-balanced, single")
+    _add_model(p)
+    _add_cluster(p)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="precision of the whole model (default: the plan's, else fp32)")
+    _add_workload(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "constraints",
+        help="print the co-location groups of a model, and what the dry run says is truly required",
+    )
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_constraints)
+
+    p = sub.add_parser("presets", help="list the model, GPU and link presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except BadInput as e:
+        print(f"xctune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xctune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: one line, the traceback on request
+        if os.environ.get("XCTUNE_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"xctune: internal error: {type(e).__name__}: {first} (set XCTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Instruments for one run of the model: what crossed devices, what each op cost, what stayed alive.
+
+Three pieces, the same in the real and the virtual world:
+
+- `Tracker`: the state of one run (phase, the stack of placement units being executed, the
+  log of moves, and the *logical* location of tensors).
+- `MoveCounter` / `StreamCounter`: accelerate hooks placed in front of the hooks that
+  `dispatch_model` installs. They see every argument before accelerate moves it, so they count
+  what accelerate will move, by the same rules (`skip_keys` on keyword arguments and outputs,
+  outputs of the root sent back to the input's device, offloaded weights streamed per call).
+- `OpRecorder`: a dispatch mode that prices every aten op (FLOPs from PyTorch's flop counter
+  formulas, bytes read + written), charges it to the current unit, and tracks live tensor
+  bytes (the activation + KV-cache memory) per holder.
+
+Logical devices. A CPU-only host has one physical device, yet a plan names several GPUs; and
+the trace-once evaluation (design.md §3) gives every unit a device of its own. In both cases
+several logical devices share one physical device ("collapsed"): the counters then emulate a
+move by a copy tagged with its logical destination, so every boundary crossing is counted
+exactly as on separate devices. Where devices are physically distinct, the tensor's own device
+is the truth and no tags are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.hooks import ModelHook
+from accelerate.utils import named_module_tensors
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
+
+aten = torch.ops.aten
+ROOT = ""  # the unit name of the model's root (top-level code)
+
+Location = Hashable  # a logical device: a GPU index, "cpu", "disk", or (in a trace) a unit name
+
+
+@dataclass(frozen=True)
+class Move:
+    """One tensor (or one module's weights) sent from one logical device to another."""
+
+    phase: str
+    src: Location
+    dst: Location
+    nbytes: int
+    kind: str  # "input" (a unit's argument), "output" (the root's output sent back), "weights" (offload)
+    unit: str  # the unit whose hook made the move
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Tracker:
+    """What one run knows about where things are, and what it logged."""
+
+    def __init__(self, main: Location, *, collapsed: bool, physical_to_logical: Mapping[str, Location] | None = None):
+        self.main = main
+        self.collapsed = collapsed
+        self.physical_to_logical = dict(physical_to_logical or {})
+        self.phase = "setup"
+        self.stack: list[tuple[str, Location]] = []  # (unit, execution location)
+        self.moves: list[Move] = []
+        self.recording = True  # False while preparing inputs that are not part of the workload
+        self.unpriced = False  # ops that allocate but are not part of the work: emulated moves, setup
+        self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.listeners: list = []  # objects with enter(unit) / exit(unit), e.g. the OpRecorder
+
+    # --- where things are -------------------------------------------------------------------
+    def location(self, t: torch.Tensor) -> Location:
+        if self.collapsed:
+            return self._tags.get(t, self.main)
+        return self.physical_to_logical.get(str(t.device), str(t.device))
+
+    def tag(self, t: torch.Tensor, loc: Location) -> None:
+        if self.collapsed:
+            self._tags[t] = loc
+
+    @property
+    def current(self) -> tuple[str, Location]:
+        return self.stack[-1] if self.stack else (ROOT, self.main)
+
+    # --- unit boundaries --------------------------------------------------------------------
+    def enter(self, unit: str, loc: Location) -> None:
+        self.stack.append((unit, loc))
+        for listener in self.listeners:
+            listener.enter(unit, loc)
+
+    def exit(self, unit: str) -> None:
+        for listener in self.listeners:
+            listener.exit(unit)
+        popped = self.stack.pop()
+        assert popped[0] == unit, f"unit stack out of order: {popped[0]} != {unit}"
+
+    @contextlib.contextmanager
+    def unpriced_ops(self):
+        self.unpriced, before = True, self.unpriced
+        try:
+            yield
+        finally:
+            self.unpriced = before
+
+    # --- moves ------------------------------------------------------------------------------
+    def record(self, move: Move) -> None:
+        if self.recording:
+            self.moves.append(move)
+
+    def carry(self, obj, dst: Location, skip_keys, *, kind: str, unit: str):
+        """Walk `obj` as accelerate's `send_to_device` does; log each tensor not already at `dst`."""
+        if isinstance(obj, torch.Tensor):
+            src = self.location(obj)
+            if src == dst or obj.device.type == "meta":
+                return obj
+            self.record(Move(self.phase, src, dst, _nbytes(obj), kind, unit))
+            if self.collapsed:  # emulate the copy so the destination really holds its own tensor
+                with self.unpriced_ops():
+                    obj = obj.clone()
+                self._tags[obj] = dst
+            return obj
+        if isinstance(obj, (tuple, list)):
+            items = [self.carry(o, dst, skip_keys, kind=kind, unit=unit) for o in obj]
+            return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
+        if isinstance(obj, Mapping):
+            skip = skip_keys or ()
+            return type(obj)(
+                {k: v if k in skip else self.carry(v, dst, skip_keys, kind=kind, unit=unit) for k, v in obj.items()}
+            )
+        return obj
+
+
+def _first_tensor(obj) -> torch.Tensor | None:
+    leaves, _ = tree_flatten(obj)
+    return next((x for x in leaves if isinstance(x, torch.Tensor)), None)
+
+
+class MoveCounter(ModelHook):
+    """Runs just before accelerate's AlignDevicesHook of a map entry (or of the root)."""
+
+    def __init__(self, tracker: Tracker, unit: str, loc: Location, skip_keys=None):
+        self.tracker, self.unit, self.loc, self.skip_keys = tracker, unit, loc, skip_keys
+        self.is_root = unit == ROOT
+        self._input_loc: list[Location] = []
+
+    def pre_forward(self, module, *args, **kwargs):
+        tr = self.tracker
+        if self.is_root:
+            first = _first_tensor((args, kwargs))
+            self._input_loc.append(tr.location(first) if first is not None else tr.main)
+        tr.enter(self.unit, self.loc)
+        # accelerate moves positional args whole and honours skip_keys only on keyword args
+        args = tr.carry(args, self.loc, None, kind="input", unit=self.unit)
+        kwargs = tr.carry(kwargs, self.loc, self.skip_keys, kind="input", unit=self.unit)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        tr = self.tracker
+        if self.is_root:
+            output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="output", unit=self.unit)
+        tr.exit(self.unit)
+        return output
+
+
+class StreamCounter(ModelHook):
+    """Runs before an offloading AlignDevicesHook: the module's weights cross from host or disk."""
+
+    def __init__(self, tracker: Tracker, unit: str, tier: str, align_hook):
+        self.tracker, self.unit, self.tier = tracker, unit, tier
+        self.include_buffers = align_hook.offload_buffers
+        self.recurse = align_hook.place_submodules
+
+    def pre_forward(self, module, *args, **kwargs):
+        tr = self.tracker
+        nbytes = sum(
+            _nbytes(t)
+            for _, t in named_module_tensors(
+                module, include_buffers=self.include_buffers, recurse=self.recurse, remove_non_persistent=True
+            )
+        )
+        if nbytes:
+            tr.record(Move(tr.phase, self.tier, tr.current[1], nbytes, "weights", tr.current[0]))
+        return args, kwargs
+
+
+# ------------------------------------------------------------------------------------------
+# Op pricing and memory
+
+
+_MATMUL_OPS = {
+    aten.mm,
+    aten.addmm,
+    aten.bmm,
+    aten.baddbmm,
+    aten.convolution,
+    aten._convolution,
+    aten.convolution_overrideable,
+    aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_cudnn_attention,
+}
+_MOVE_OPS = {aten._to_copy, aten.copy_}
+
+
+def _sdpa_cpu_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    # same formula as PyTorch's for the CUDA kernels: two batched matmuls, Q K^T and P V
+    b, h, s_q, d = q.shape
+    s_k = k.shape[-2]
+    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * v.shape[-1]
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    packet = func.overloadpacket
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu:
+        return _sdpa_cpu_flops(*args[:3])
+    formula = flop_registry.get(packet)
+    if formula is None:
+        return 0
+    return int(formula(*args, **kwargs, out_val=out))  # registry entries take tensors, read shapes
+
+
+def _is_view(func) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+@dataclass
+class OpCost:
+    flops: int
+    nbytes: int
+    matmul: bool
+
+
+@dataclass
+class UnitCall:
+    """One call of a placement unit within a phase: its ops, and memory around it."""
+
+    unit: str
+    phase: str
+    loc: Location
+    ops: list[OpCost] = field(default_factory=list)
+    live_at_entry: dict = field(default_factory=dict)  # holder -> bytes alive when the call began
+    peak_inside: int = 0  # the most bytes this call's holder had alive during the call
+
+
+class OpRecorder(TorchDispatchMode):
+    """Prices ops per unit call and tracks live tensor bytes per holder (the unit's location)."""
+
+    def __init__(self, tracker: Tracker, *, guard_meta_copies: bool = False):
+        super().__init__()
+        self.tracker = tracker
+        self.guard_meta_copies = guard_meta_copies
+        self.calls: list[UnitCall] = []
+        self._open: list[UnitCall] = []
+        self.live: dict[Location, int] = defaultdict(int)
+        self.peak: dict[Location, int] = defaultdict(int)
+        self.joins: list[tuple[str, tuple[Location, ...], str]] = []  # (op, locations, phase) at top level
+        self._top = UnitCall(ROOT, "setup", tracker.main)
+        self.last_op = ""
+        tracker.listeners.append(self)
+
+    # unit boundaries (called by the Tracker)
+    def enter(self, unit, loc):
+        call = UnitCall(unit, self.tracker.phase, loc, live_at_entry=dict(self.live))
+        call.peak_inside = self.live[loc]
+        self.calls.append(call)
+        self._open.append(call)
+
+    def exit(self, unit):
+        self._open.pop()
+
+    def _current_call(self) -> UnitCall:
+        if self._open:
+            return self._open[-1]
+        if self._top.phase != self.tracker.phase:  # top-level ops get one pseudo-call per phase
+            self._top = UnitCall(ROOT, self.tracker.phase, self.tracker.main, live_at_entry=dict(self.live))
+            self.calls.append(self._top)
+        return self._top
+
+    def _alloc(self, t: torch.Tensor, holder: Location) -> None:
+        n = _nbytes(t)
+        if n == 0 or t.device.type == "meta":
+            return
+        self.live[holder] += n
+        if self.live[holder] > self.peak[holder]:
+            self.peak[holder] = self.live[holder]
+        weakref.finalize(t, self._free, holder, n)
+
+    def _free(self, holder, n):
+        self.live[holder] -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tr = self.tracker
+        packet = func.overloadpacket
+        if self.guard_meta_copies and packet in _MOVE_OPS:
+            # Real tensors refuse this; fake ones would not notice (an offloaded vit, design.md §4).
+            src = args[1] if packet is aten.copy_ else args[0]
+            dst_dev = args[0].device if packet is aten.copy_ else kwargs.get("device")
+            if src.device.type == "meta" and dst_dev is not None and torch.device(dst_dev).type != "meta":
+                raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+        self.last_op = str(packet.__name__)
+        out = func(*args, **kwargs)
+        if not tr.recording:
+            return out
+        call = self._current_call()
+        in_leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        out_leaves = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+
+        if self._open:
+            loc = tr.current[1]
+        else:
+            # Outside any unit, results live where their inputs are; inputs from two devices
+            # meeting here is the co-location requirement (the image/text torch.cat).
+            locs = tuple(dict.fromkeys(tr.location(x) for x in in_leaves if x.device.type != "meta"))
+            if len(locs) > 1 and not tr.unpriced:
+                self.joins.append((str(func.overloadpacket.__name__), locs, tr.phase))
+            loc = locs[0] if locs else tr.main
+        for o in out_leaves:
+            tr.tag(o, loc)
+        if _is_view(func):
+            return out
+        if packet is not aten.copy_:  # copy_ writes into storage that exists already
+            for o in out_leaves:
+                self._alloc(o, tr.location(o))
+        if self.live[call.loc] > call.peak_inside:
+            call.peak_inside = self.live[call.loc]
+        is_move = packet in _MOVE_OPS and bool(in_leaves) and any(o.device != in_leaves[0].device for o in out_leaves)
+        if tr.unpriced or is_move or all(o.device.type == "meta" for o in out_leaves):
+            return out  # moves are priced as transfers, not as compute
+        nbytes = sum(_nbytes(x) for x in in_leaves) + sum(_nbytes(x) for x in out_leaves)
+        call.ops.append(OpCost(op_flops(func, args, kwargs, out), nbytes, packet in _MATMUL_OPS))
+        return out

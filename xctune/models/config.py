@@ -1,0 +1,144 @@
+"""Model presets: the dimensions of the InternLM-XComposer2 family and a tiny twin.
+
+A preset fixes the module tree; the tree fixes the parameter names, and the names are what a
+device map is written in. The 7B presets reproduce the public checkpoints' parameter counts
+exactly (design.md §4), so a map found on them transfers name-for-name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import BadInput
+
+
+@dataclass(frozen=True)
+class XComposerConfig:
+    name: str
+    # language model (InternLM2)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    plora_rank: int  # rank of the Partial-LoRA branch on every decoder linear...
+    plora_rank_wqkv: int  # ...except wqkv, which IXC2-4KHD gives a rank of its own
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-5
+    # vision tower (CLIP ViT)
+    vision_hidden_size: int = 1024
+    vision_intermediate_size: int = 4096
+    vision_layers: int = 24
+    vision_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 490  # the size the position table is built for (one crop in HD mode)
+    # IXC2-4KHD style: images are cut into crops of `image_size`, the features of each crop are
+    # merged 2x2 (4x fewer tokens, 4x wider), and rows/views are separated by the two learned
+    # "GN" vectors that live at the top level of the model.
+    hd: bool = False
+    hd_layout: tuple[int, int] = (2, 3)  # default crop grid (rows, cols) of one image
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def merge(self) -> int:
+        """Side of the square of patches merged into one image token (HD mode merges 2x2)."""
+        return 2 if self.hd else 1
+
+    @property
+    def vision_out_size(self) -> int:
+        return self.vision_hidden_size * self.merge * self.merge
+
+    def image_tokens(self, layout: tuple[int, int] | None = None) -> int:
+        """Image tokens one image becomes in the language model's input."""
+        side = self.patches_per_side // self.merge
+        if not self.hd:
+            return side * side
+        rows, cols = layout or self.hd_layout
+        glb = side * side + side  # the global view, one sub_GN closing each row
+        sub = (rows * side) * (cols * side) + rows * side  # the crop grid, likewise
+        return glb + 1 + sub  # glb_GN separates the two views
+
+    def crops_per_image(self, layout: tuple[int, int] | None = None) -> int:
+        if not self.hd:
+            return 1
+        rows, cols = layout or self.hd_layout
+        return 1 + rows * cols
+
+
+_IXC2_LM = dict(
+    vocab_size=92544,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    plora_rank=256,
+)
+
+PRESETS: dict[str, XComposerConfig] = {
+    # A few MB of random weights, same tree: the model the test suite and CPU studies run.
+    "tiny": XComposerConfig(
+        name="tiny",
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=352,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        plora_rank=16,
+        plora_rank_wqkv=16,
+        max_position_embeddings=2048,
+        vision_hidden_size=64,
+        vision_intermediate_size=128,
+        vision_layers=2,
+        vision_heads=4,
+        image_size=56,
+    ),
+    # The same, HD flavour: GN parameters at the root, crops merged 2x2.
+    "tiny-hd": XComposerConfig(
+        name="tiny-hd",
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=352,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        plora_rank=16,
+        plora_rank_wqkv=4,
+        max_position_embeddings=2048,
+        vision_hidden_size=64,
+        vision_intermediate_size=128,
+        vision_layers=2,
+        vision_heads=4,
+        image_size=56,
+        hd=True,
+        hd_layout=(1, 2),
+    ),
+    # internlm/internlm-xcomposer2-vl-7b: 490 px images (35x35 = 1225 tokens), 8,666,840,064 params.
+    "ixc2-vl-7b": XComposerConfig(name="ixc2-vl-7b", plora_rank_wqkv=256, image_size=490, **_IXC2_LM),
+    # internlm/internlm-xcomposer2-4khd-7b: 336 px crops, 2x2 merge, GN separators, rank-8 LoRA
+    # on wqkv; 8,597,501,952 params. A 2x3 crop grid is 1045 image tokens.
+    "ixc2-4khd-7b": XComposerConfig(
+        name="ixc2-4khd-7b", plora_rank_wqkv=8, image_size=336, hd=True, hd_layout=(2, 3), **_IXC2_LM
+    ),
+}
+
+
+def get_config(name: str) -> XComposerConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise BadInput(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def with_overrides(cfg: XComposerConfig, **changes) -> XComposerConfig:
+    return replace(cfg, **changes)

@@ -1,0 +1,170 @@
+"""The dry run: the real forward pass, under fake tensors, on a virtual cluster.
+
+The model is built as fake tensors where the plan puts them, dispatched with accelerate's
+hooks, and run through the same `generate` loop the real executor runs: vision encode,
+prefill, the first decode step, and the last decode step (a cache extended to the full length,
+so the run costs two decode steps however many tokens the workload generates). A bad map
+fails here with PyTorch's own error; a good one leaves the log of every move, every op's cost
+per unit, and the live-tensor peaks per device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+
+from . import vdevice
+from .build import virtual_model
+from .instrument import ROOT, Location, Move, OpRecorder, Tracker, UnitCall
+from .placement import VirtualWorld, dispatch, fake_friendly_accelerate
+from .plan import Plan
+from .profile import ModelProfile
+from .workload import Workload, extend_cache, generate, make_inputs
+
+PHASES = ("vision", "prefill", "decode", "decode_last")
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str  # "device-mismatch" | "meta-copy" | "error"
+    message: str  # one line, devices named as users see them (cuda:N)
+    unit: str  # the placement unit (or "top level") where it happened
+    op: str  # the aten op that raised
+
+    def describe(self) -> str:
+        where = "top-level code" if self.unit in ("", ROOT) else self.unit
+        return f"{self.message} (in {where}, op {self.op})"
+
+
+@dataclass
+class VirtualRun:
+    plan: Plan
+    workload: Workload
+    failure: Failure | None
+    moves: list[Move] = field(default_factory=list)
+    calls: list[UnitCall] = field(default_factory=list)
+    peak_bytes: dict[Location, int] = field(default_factory=dict)  # activations + KV cache, live peak
+    kv_bytes: dict[Location, int] = field(default_factory=dict)  # KV cache at full length
+    joins: list = field(default_factory=list)  # top-level ops whose inputs came from several devices
+    main: Location = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def transfer_bytes(self, phases=("prefill", "decode")) -> dict[tuple, int]:
+        """Bytes per (src, dst) link over the given phases."""
+        out: dict[tuple, int] = defaultdict(int)
+        for m in self.moves:
+            if m.phase in phases:
+                out[(m.src, m.dst)] += m.nbytes
+        return dict(out)
+
+
+def _failure(exc: BaseException, tracker: Tracker | None, rec: OpRecorder | None) -> Failure:
+    msg = vdevice.translate(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if isinstance(exc, FakeTensorDeviceMismatchError) or "Expected all tensors to be on the same device" in msg:
+        kind = "device-mismatch"
+    elif "meta tensor" in msg:
+        kind = "meta-copy"
+    else:
+        kind = "error"
+    unit = tracker.current[0] if tracker is not None else ""
+    return Failure(kind, msg, unit or "top level", rec.last_op if rec is not None else "")
+
+
+@contextlib.contextmanager
+def _quiet_accelerate():
+    logger = logging.getLogger("accelerate")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def virtual_run(
+    profile: ModelProfile,
+    plan: Plan,
+    workload: Workload,
+    *,
+    physical_map: dict | None = None,
+    locations: dict | None = None,
+    main_loc: Location | None = None,
+) -> VirtualRun:
+    """Run `workload` under `plan` on virtual devices.
+
+    `physical_map`, `locations` and `main_loc` exist for the trace (trace.py): all units on one
+    virtual device, each reporting a logical device of its own.
+    """
+    cfg = profile.config
+    workload.check_fits(cfg)
+    mode = vdevice.new_fake_mode()
+    dmap = physical_map or plan.device_map
+    build_plan = Plan(dmap, plan.dtypes, plan.skip_keys)
+    run = VirtualRun(plan, workload, None)
+    tracker = rec = None
+    t0 = time.perf_counter()
+    try:
+        with _quiet_accelerate(), fake_friendly_accelerate():
+            model = virtual_model(profile, build_plan, mode)
+            with mode:
+                placed = dispatch(
+                    model,
+                    dmap,
+                    VirtualWorld(),
+                    skip_keys=plan.skip_keys,
+                    unit_dtypes=_unit_dtypes(profile, plan) if plan.mixed else None,
+                    collapsed=locations is not None,
+                    locations=locations,
+                    main_loc=main_loc,
+                )
+            tracker = placed.tracker
+            run.main = tracker.main
+            rec = OpRecorder(tracker, guard_meta_copies=True)
+
+            @contextlib.contextmanager
+            def phase(name):
+                tracker.phase = name
+                yield
+
+            with mode, rec, torch.no_grad():
+                inputs = make_inputs(cfg, workload, placed.physical_main, fake=True)
+                gen = generate(model, inputs, 2 if workload.new_tokens > 1 else 1, phase, workload.hd_layout)
+                past = gen.past_key_values
+                if workload.new_tokens > 2:
+                    # price the last decode step: its input cache holds prompt + new_tokens - 2 positions
+                    tracker.phase = "setup"
+                    with tracker.unpriced_ops():
+                        past = extend_cache(past, workload.new_tokens - 3, tracker) if workload.new_tokens > 3 else past
+                    del gen
+                    tracker.phase = "decode_last"
+                    token = torch.zeros(workload.batch, 1, dtype=torch.long, device=placed.physical_main)
+                    past = model(input_ids=token, past_key_values=past)["past_key_values"]
+                for k, v in past:
+                    for t in (k, v):
+                        loc = tracker.location(t)
+                        run.kv_bytes[loc] = run.kv_bytes.get(loc, 0) + t.numel() * t.element_size()
+                del past
+    except Exception as exc:  # a bad map is a result, not a crash
+        run.failure = _failure(exc, tracker, rec)
+    if tracker is not None:
+        run.moves = tracker.moves
+    if rec is not None:
+        run.calls, run.peak_bytes, run.joins = rec.calls, dict(rec.peak), rec.joins
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def _unit_dtypes(profile: ModelProfile, plan: Plan) -> dict[str, torch.dtype]:
+    from .profile import DTYPES
+
+    return {u.name: DTYPES[plan.dtypes[u.group]] for u in profile.units if not u.is_parameter}
