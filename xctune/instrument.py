@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.hooks import ModelHook
 from accelerate.utils import named_module_tensors
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -70,6 +71,7 @@ class Tracker:
         self.moves: list[Move] = []
         self.recording = True  # False while preparing inputs that are not part of the workload
         self.unpriced = False  # ops that allocate but are not part of the work: emulated moves, setup
+        self.move_dst: Location | None = None  # where an emulated move's copy lands
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.listeners: list = []  # objects with enter(unit) / exit(unit), e.g. the OpRecorder
 
@@ -121,7 +123,11 @@ class Tracker:
             self.record(Move(self.phase, src, dst, _nbytes(obj), kind, unit))
             if self.collapsed:  # emulate the copy so the destination really holds its own tensor
                 with self.unpriced_ops():
-                    obj = obj.clone()
+                    self.move_dst = dst
+                    try:
+                        obj = obj.clone()
+                    finally:
+                        self.move_dst = None
                 self._tags[obj] = dst
             return obj
         if isinstance(obj, (tuple, list)):
@@ -206,6 +212,8 @@ _MATMUL_OPS = {
     aten._scaled_dot_product_cudnn_attention,
 }
 _MOVE_OPS = {aten._to_copy, aten.copy_}
+# Gathers read the rows they pick, not the whole table (an embedding lookup, the rotary tables)
+_GATHER_OPS = {aten.embedding, aten.index, aten.index_select, aten.gather}
 
 
 def _sdpa_cpu_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
@@ -235,6 +243,7 @@ class OpCost:
     flops: int
     nbytes: int
     matmul: bool
+    name: str = ""
 
 
 @dataclass
@@ -247,21 +256,25 @@ class UnitCall:
     ops: list[OpCost] = field(default_factory=list)
     live_at_entry: dict = field(default_factory=dict)  # holder -> bytes alive when the call began
     peak_inside: int = 0  # the most bytes this call's holder had alive during the call
+    weight_bytes: int = 0  # bytes of parameters the call's ops read (what offload would stream)
 
 
 class OpRecorder(TorchDispatchMode):
     """Prices ops per unit call and tracks live tensor bytes per holder (the unit's location)."""
 
-    def __init__(self, tracker: Tracker, *, guard_meta_copies: bool = False):
+    def __init__(self, tracker: Tracker, *, guard_meta_copies: bool = False, parameters=()):
         super().__init__()
         self.tracker = tracker
+        # parameters by storage: ops see views of them (a Linear multiplies by weight.t())
+        self._params = {p.untyped_storage()._cdata: _nbytes(p) for p in parameters}
+        self._touched: list[set] = []
         self.guard_meta_copies = guard_meta_copies
         self.calls: list[UnitCall] = []
         self._open: list[UnitCall] = []
         self.live: dict[Location, int] = defaultdict(int)
         self.peak: dict[Location, int] = defaultdict(int)
         self.joins: list[tuple[str, tuple[Location, ...], str]] = []  # (op, locations, phase) at top level
-        self._top = UnitCall(ROOT, "setup", tracker.main)
+        self._top: dict = {}
         self.last_op = ""
         tracker.listeners.append(self)
 
@@ -271,17 +284,26 @@ class OpRecorder(TorchDispatchMode):
         call.peak_inside = self.live[loc]
         self.calls.append(call)
         self._open.append(call)
+        self._touched.append(set())
 
     def exit(self, unit):
         self._open.pop()
+        self._touched.pop()
 
-    def _current_call(self) -> UnitCall:
-        if self._open:
-            return self._open[-1]
-        if self._top.phase != self.tracker.phase:  # top-level ops get one pseudo-call per phase
-            self._top = UnitCall(ROOT, self.tracker.phase, self.tracker.main, live_at_entry=dict(self.live))
-            self.calls.append(self._top)
-        return self._top
+    def _in_unit(self) -> bool:
+        """Inside a placement unit; code of the root itself runs where its inputs are."""
+        return bool(self._open) and self._open[-1].unit != ROOT
+
+    def _top_call(self, loc) -> UnitCall:
+        """Top-level ops are charged to one pseudo-call per (phase, location)."""
+        key = (self.tracker.phase, loc)
+        call = self._top.get(key)
+        if call is None:
+            call = UnitCall(ROOT, self.tracker.phase, loc, live_at_entry=dict(self.live))
+            call.peak_inside = self.live[loc]
+            self._top[key] = call
+            self.calls.append(call)
+        return call
 
     def _alloc(self, t: torch.Tensor, holder: Location) -> None:
         n = _nbytes(t)
@@ -294,6 +316,16 @@ class OpRecorder(TorchDispatchMode):
 
     def _free(self, holder, n):
         self.live[holder] -= n
+
+    def fused_op(self, name: str, inputs: list[torch.Tensor], out: torch.Tensor, flops: int) -> None:
+        """Charge one fused op (see FusedAttention) to the current call."""
+        call = self._open[-1] if self._in_unit() else self._top_call(self.tracker.location(inputs[0]))
+        self.tracker.tag(out, call.loc)
+        self._alloc(out, self.tracker.location(out))
+        if self.live[call.loc] > call.peak_inside:
+            call.peak_inside = self.live[call.loc]
+        nbytes = sum(_nbytes(x) for x in inputs) + _nbytes(out)
+        call.ops.append(OpCost(flops, nbytes, True, name))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -309,12 +341,15 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if not tr.recording:
             return out
-        call = self._current_call()
         in_leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         out_leaves = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
 
-        if self._open:
-            loc = tr.current[1]
+        if tr.move_dst is not None:
+            loc = tr.move_dst
+            call = self._open[-1] if self._in_unit() else self._top_call(loc)
+        elif self._in_unit():
+            call = self._open[-1]
+            loc = call.loc
         else:
             # Outside any unit, results live where their inputs are; inputs from two devices
             # meeting here is the co-location requirement (the image/text torch.cat).
@@ -322,6 +357,7 @@ class OpRecorder(TorchDispatchMode):
             if len(locs) > 1 and not tr.unpriced:
                 self.joins.append((str(func.overloadpacket.__name__), locs, tr.phase))
             loc = locs[0] if locs else tr.main
+            call = self._top_call(loc)
         for o in out_leaves:
             tr.tag(o, loc)
         if _is_view(func):
@@ -334,6 +370,50 @@ class OpRecorder(TorchDispatchMode):
         is_move = packet in _MOVE_OPS and bool(in_leaves) and any(o.device != in_leaves[0].device for o in out_leaves)
         if tr.unpriced or is_move or all(o.device.type == "meta" for o in out_leaves):
             return out  # moves are priced as transfers, not as compute
-        nbytes = sum(_nbytes(x) for x in in_leaves) + sum(_nbytes(x) for x in out_leaves)
-        call.ops.append(OpCost(op_flops(func, args, kwargs, out), nbytes, packet in _MATMUL_OPS))
+        if self._touched and self._params:
+            seen = self._touched[-1]
+            for x in in_leaves:
+                key = x.untyped_storage()._cdata
+                n = self._params.get(key)
+                if n is not None and key not in seen:
+                    seen.add(key)
+                    call.weight_bytes += n
+        if packet in _GATHER_OPS:
+            out_bytes = sum(_nbytes(x) for x in out_leaves)
+            nbytes = 2 * out_bytes + sum(_nbytes(x) for x in in_leaves if not x.is_floating_point())
+        else:
+            nbytes = sum(_nbytes(x) for x in in_leaves) + sum(_nbytes(x) for x in out_leaves)
+        call.ops.append(OpCost(op_flops(func, args, kwargs, out), nbytes, packet in _MATMUL_OPS, self.last_op))
+        return out
+
+
+class FusedAttention(TorchFunctionMode):
+    """Prices `scaled_dot_product_attention` as the one fused kernel a GPU runs.
+
+    On the virtual device (and on the CPU) SDPA decomposes into its math path: fp32 upcasts
+    and a [T, T] score matrix that flash / memory-efficient kernels never materialise. The
+    recorder is paused while it runs, and one op is charged instead: FLOPs 2*B*Hq*Sq*Sk*(D+Dv)
+    (Q K^T and P V, as PyTorch's flop counter counts them), bytes q + k + v + output.
+    """
+
+    def __init__(self, recorder: "OpRecorder"):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        tr = self.recorder.tracker
+        was = tr.recording
+        tr.recording = False
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            tr.recording = was
+        if was:
+            q, k, v = args[:3]
+            B, H, Sq, D = q.shape
+            flops = 2 * B * H * Sq * k.shape[-2] * (D + v.shape[-1])
+            self.recorder.fused_op("scaled_dot_product_attention", [q, k, v], out, flops)
         return out

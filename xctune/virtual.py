@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 from . import vdevice
 from .build import virtual_model
-from .instrument import ROOT, Location, Move, OpRecorder, Tracker, UnitCall
+from .instrument import ROOT, FusedAttention, Location, Move, OpRecorder, Tracker, UnitCall
 from .placement import VirtualWorld, dispatch, fake_friendly_accelerate
 from .plan import Plan
 from .profile import ModelProfile
@@ -129,14 +129,14 @@ def virtual_run(
                 )
             tracker = placed.tracker
             run.main = tracker.main
-            rec = OpRecorder(tracker, guard_meta_copies=True)
+            rec = OpRecorder(tracker, guard_meta_copies=True, parameters=list(model.parameters()))
 
             @contextlib.contextmanager
             def phase(name):
                 tracker.phase = name
                 yield
 
-            with mode, rec, torch.no_grad():
+            with mode, rec, FusedAttention(rec), torch.no_grad():
                 inputs = make_inputs(cfg, workload, placed.physical_main, fake=True)
                 gen = generate(model, inputs, 2 if workload.new_tokens > 1 else 1, phase, workload.hd_layout)
                 past = gen.past_key_values

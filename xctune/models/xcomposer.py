@@ -119,10 +119,8 @@ class Attention(nn.Module):
             k = torch.cat([layer_past[0], k], dim=2)
             v = torch.cat([layer_past[1], v], dim=2)
         present = (k, v)
-        # Grouped-query attention: each KV head serves q_per_kv query heads (upstream repeat_kv).
-        k_rep = k.repeat_interleave(self.q_per_kv, dim=1)
-        v_rep = v.repeat_interleave(self.q_per_kv, dim=1)
-        attn = F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=(layer_past is None and T > 1))
+        # Grouped-query attention: each KV head serves q_per_kv query heads
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=(layer_past is None and T > 1), enable_gqa=True)
         attn = attn.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.wo(attn, im_mask), present
 

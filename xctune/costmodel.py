@@ -1,0 +1,166 @@
+"""The cost model of the virtual world: from priced ops and logged moves to simulated time.
+
+Per op, a roofline against the device the op runs on:
+
+    seconds = max(flops / (peak_flops[dtype] * eff.matmul), bytes / (mem_bw * eff.memory)) + eff.op_overhead
+
+(prefill is mostly compute-bound, decode bandwidth-bound: the max picks). Per move, the link's
+latency plus bytes over its bandwidth (GPU<->GPU link; host link for `cpu` offload; disk for
+`disk` offload, whose weights stream in at every call). Execution is sequential, as
+accelerate's naive pipeline runs at batch 1: total time = compute + transfers.
+
+`Efficiency` holds the achieved fractions of peak; the defaults are assumptions, and
+`xctune calibrate` fits them on a real device.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInput
+from .hardware import Cluster, GPUSpec
+from .instrument import Move, UnitCall
+
+DECODE_PHASES = ("decode", "decode_last")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    matmul: float = 0.70  # achieved fraction of peak FLOP/s in matmuls and attention
+    memory: float = 0.80  # achieved fraction of memory bandwidth
+    op_overhead_us: float = 6.0  # per op: launch + Python + hook overhead of eager PyTorch
+    source: str = "default assumption (not calibrated)"
+
+    def __post_init__(self):
+        if not (0 < self.matmul <= 1 and 0 < self.memory <= 1 and self.op_overhead_us >= 0):
+            raise BadInput(f"efficiency factors out of range: {self}")
+
+    @staticmethod
+    def load(path) -> "Efficiency":
+        try:
+            data = json.loads(Path(path).read_text())
+            eff = data.get("efficiency", data)
+            return Efficiency(float(eff["matmul"]), float(eff["memory"]), float(eff["op_overhead_us"]), f"calibrated: {path}")
+        except OSError as e:
+            raise BadInput(f"cannot read calibration {path}: {e.strerror or e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadInput(f"{path} is not a calibration file ({type(e).__name__}: {e})") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """The ops of one unit call as arrays, for vectorised pricing."""
+
+    flops: np.ndarray
+    nbytes: np.ndarray
+    matmul: np.ndarray
+
+    @staticmethod
+    def of(call: UnitCall) -> "OpTable":
+        return OpTable(
+            np.array([o.flops for o in call.ops], dtype=np.float64),
+            np.array([o.nbytes for o in call.ops], dtype=np.float64),
+            np.array([o.matmul for o in call.ops], dtype=bool),
+        )
+
+    def seconds(self, gpu: GPUSpec, dtype: str, eff: Efficiency) -> float:
+        if self.flops.size == 0:
+            return 0.0
+        compute = self.flops / (gpu.peak_flops(dtype) * eff.matmul)
+        memory = self.nbytes / (gpu.mem_bw * eff.memory)
+        return float(np.maximum(compute, memory).sum() + self.flops.size * eff.op_overhead_us * 1e-6)
+
+
+@dataclass
+class Estimate:
+    """Simulated time, transfers and memory of one plan on one cluster."""
+
+    phase_s: dict[str, float]  # compute + transfers per phase (vision, prefill, decode, decode_last)
+    transfer_s: dict[str, float]  # the transfer part of each phase
+    decode_s_per_token: float
+    e2e_s: float
+    moves: list[tuple[str, object, object, int, str]] = field(default_factory=list)  # (phase, src, dst, bytes, kind)
+    peak_bytes: dict = field(default_factory=dict)  # device -> activations + KV at peak
+    kv_bytes: dict = field(default_factory=dict)
+
+    def bytes_by_link(self, phases=("vision", "prefill", "decode")) -> dict[tuple, int]:
+        out: dict[tuple, int] = defaultdict(int)
+        for phase, src, dst, n, kind in self.moves:
+            if phase in phases:
+                out[(src, dst)] += n
+        return dict(out)
+
+    def workload_transfers(self, new_tokens: int) -> tuple[int, int, dict]:
+        """(bytes, count, bytes per link) over the whole workload: vision + prefill + every decode step."""
+        steps = max(new_tokens - 1, 0)
+        total, count, links = 0, 0, defaultdict(int)
+        per_step = _decode_mean([m for m in self.moves if m[0] in DECODE_PHASES])
+        for phase, src, dst, n, kind in self.moves:
+            if phase in ("vision", "prefill"):
+                total, count = total + n, count + 1
+                links[(src, dst)] += n
+        for (src, dst), (n, c) in per_step.items():
+            total += round(n * steps)
+            count += round(c * steps)
+            links[(src, dst)] += round(n * steps)
+        return total, count, dict(links)
+
+
+def _decode_mean(moves) -> dict:
+    """Mean bytes and count per link of one decode step (the first and the last step, averaged)."""
+    phases = {m[0] for m in moves} or {"decode"}
+    acc: dict = defaultdict(lambda: [0.0, 0.0])
+    for phase, src, dst, n, kind in moves:
+        acc[(src, dst)][0] += n / len(phases)
+        acc[(src, dst)][1] += 1 / len(phases)
+    return {k: (v[0], v[1]) for k, v in acc.items()}
+
+
+def link_seconds(cluster: Cluster, src, dst, nbytes: int) -> float:
+    if src == dst or nbytes == 0:
+        return 0.0
+    return cluster.link_between(src, dst).transfer_seconds(nbytes)
+
+
+def combine(
+    phase_compute: dict[str, float],
+    moves: Sequence[tuple[str, object, object, int, str]],
+    cluster: Cluster,
+    new_tokens: int,
+) -> Estimate:
+    """Phase times from compute seconds and the moves of one run."""
+    transfer = defaultdict(float)
+    for phase, src, dst, n, kind in moves:
+        transfer[phase] += link_seconds(cluster, src, dst, n)
+    phase_s = {p: phase_compute.get(p, 0.0) + transfer.get(p, 0.0) for p in ("vision", "prefill", "decode", "decode_last")}
+    if new_tokens <= 1:
+        per_token = 0.0
+    elif new_tokens == 2 or phase_s["decode_last"] == 0.0:
+        per_token = phase_s["decode"]
+    else:
+        # a decode step's cost is affine in the cache length: the mean of the first and last is the mean of all
+        per_token = (phase_s["decode"] + phase_s["decode_last"]) / 2
+    e2e = phase_s["vision"] + phase_s["prefill"] + per_token * max(new_tokens - 1, 0)
+    return Estimate(phase_s, dict(transfer), per_token, e2e, list(moves))
+
+
+def price_calls(
+    calls: Sequence[UnitCall],
+    gpu_of: Callable[[UnitCall], GPUSpec],
+    dtype_of: Callable[[UnitCall], str],
+    eff: Efficiency,
+) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for call in calls:
+        if call.ops:
+            out[call.phase] += OpTable.of(call).seconds(gpu_of(call), dtype_of(call), eff)
+    return dict(out)

@@ -1,0 +1,162 @@
+"""The trial record: one schema for measured and simulated trials.
+
+A frozen dataclass; `to_dict()` is a flat JSON object (map-valued fields become dotted keys:
+`peak_bytes.cuda:0`), one row of a pandas DataFrame. Latencies are milliseconds, memory and
+transfers bytes. `source` says which world a number comes from: `measured` (real devices) or
+`simulated` (virtual cluster, cost model). Never present one as the other.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field, fields
+
+STATUSES = ("ok", "oom", "invalid", "error")
+SPREAD_FIELDS = ("vision_ms", "prefill_ms", "decode_ms_per_token", "e2e_ms")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, 90th percentile and coefficient of variation of repeated measurements."""
+
+    median: float
+    p90: float
+    cv: float
+    n: int
+
+    @staticmethod
+    def of(values: list[float]) -> "Spread":
+        if not values:
+            return Spread(float("nan"), float("nan"), float("nan"), 0)
+        v = sorted(values)
+        p90 = v[min(len(v) - 1, round(0.9 * (len(v) - 1)))]
+        mean = statistics.fmean(v)
+        cv = statistics.pstdev(v) / mean if len(v) > 1 and mean > 0 else 0.0
+        return Spread(statistics.median(v), p90, cv, len(v))
+
+    @staticmethod
+    def single(value: float) -> "Spread":
+        return Spread(value, value, 0.0, 1)
+
+
+def software_versions() -> dict[str, str]:
+    import accelerate
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "xctune": __version__,
+    }
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    plan_id: str
+    label: str
+    device_map: dict
+    dtypes: dict
+    skip_keys: tuple
+    model: str
+    workload: dict
+    source: str  # "measured" | "simulated"
+    devices: dict  # device -> name ("cuda:0" -> "rtx4090", or "cpu (logical cuda:1)")
+    status: str  # ok | oom | invalid | error
+    cause: str = ""
+    vision_ms: Spread | None = None
+    prefill_ms: Spread | None = None
+    decode_ms_per_token: Spread | None = None
+    e2e_ms: Spread | None = None
+    transfer_bytes: int = 0  # over the whole workload (vision + prefill + every decode step)
+    transfer_count: int = 0
+    transfer_by_link: dict = field(default_factory=dict)  # "cuda:0->cuda:1" -> bytes
+    transfer_ms: float | None = None  # time spent in transfers (simulated; measured on CUDA)
+    streamed_weight_bytes: int = 0  # offloaded weights moved to the GPU over the workload
+    peak_bytes: dict = field(default_factory=dict)  # device -> peak bytes (weights + activations + KV)
+    peak_bytes_max: int = 0
+    weights_bytes: dict = field(default_factory=dict)
+    activation_bytes: dict = field(default_factory=dict)  # device -> activations + KV at peak
+    kv_bytes: dict = field(default_factory=dict)
+    fidelity_top1: float | None = None  # share of generated tokens equal to the fp32 reference's
+    fidelity_max_abs: float | None = None  # max |logit - reference logit| at the last step
+    fidelity_mean_abs: float | None = None
+    placement_ms: float | None = None
+    repeats: int = 0
+    memory_note: str = ""  # what the peak counts, in words
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}")
+        if self.source not in ("measured", "simulated"):
+            raise ValueError("source must be measured or simulated")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def e2e(self) -> float:
+        return self.e2e_ms.median if self.e2e_ms else float("inf")
+
+    def to_dict(self) -> dict:
+        """A flat JSON object."""
+        out: dict = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SPREAD_FIELDS:
+                out[f.name] = value.median if value else None
+                out[f"{f.name}_p90"] = value.p90 if value else None
+                out[f"{f.name}_cv"] = value.cv if value else None
+            elif f.name in ("device_map", "skip_keys"):
+                out[f.name] = json.dumps(value if f.name == "device_map" else list(value))
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    out[f"{f.name}.{k}"] = v
+            else:
+                out[f.name] = value
+        return out
+
+    def summary(self) -> str:
+        head = f"[{self.source}] {self.label or self.plan_id} ({'/'.join(self.dtypes[g] for g in ('vision', 'lm', 'head'))})"
+        if not self.ok:
+            return f"{head}: {self.status.upper()}: {self.cause}"
+        lines = [head]
+
+        def fmt(name, s):
+            extra = f"  (p90 {s.p90:.2f}, cv {s.cv:.1%}, n={s.n})" if s.n > 1 else ""
+            return f"  {name:<22} {s.median:10.2f} ms{extra}"
+
+        for name, s in (("vision encode", self.vision_ms), ("prefill (to 1st token)", self.prefill_ms),
+                        ("decode per token", self.decode_ms_per_token), ("end to end", self.e2e_ms)):
+            if s is not None:
+                lines.append(fmt(name, s))
+        lines.append(f"  transfers              {self.transfer_bytes / 1e6:10.2f} MB in {self.transfer_count} moves"
+                     + (f", {self.transfer_ms:.2f} ms" if self.transfer_ms is not None else ""))
+        for link, b in self.transfer_by_link.items():
+            lines.append(f"    {link:<20} {b / 1e6:10.2f} MB")
+        if self.streamed_weight_bytes:
+            lines.append(f"  offloaded weights streamed {self.streamed_weight_bytes / 1e9:.2f} GB")
+        for d, b in self.peak_bytes.items():
+            lines.append(f"  peak {d:<17} {b / 2**30:10.3f} GiB (weights {self.weights_bytes.get(d, 0) / 2**30:.3f})")
+        if self.memory_note:
+            lines.append(f"  ({self.memory_note})")
+        if self.fidelity_top1 is not None:
+            lines.append(f"  fidelity vs fp32 reference: top-1 {self.fidelity_top1:.1%}, "
+                         f"max |dlogit| {self.fidelity_max_abs:.3g}, mean {self.fidelity_mean_abs:.3g}")
+        if self.placement_ms is not None:
+            lines.append(f"  placement {self.placement_ms:.1f} ms")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str)
+
+
+def record_fields() -> list[str]:
+    return [f.name for f in fields(TrialRecord)]
+

@@ -1,0 +1,211 @@
+"""Trace once, evaluate many (design.md §3).
+
+A dry run costs seconds; a search wants thousands of evaluations. The trace of one workload
+through the model depends on a plan only through *where* each unit runs. So the model is run
+once per element width (fp32, and 16-bit for fp16/bf16) with every unit on a logical device of
+its own (all sharing one virtual GPU): the counters then log every tensor that crosses a unit
+boundary, the recorder prices every op per unit call and samples live memory per unit at every
+call boundary, and the top-level ops that join outputs of several units are noted.
+
+Evaluating a plan is then arithmetic over that record:
+- a join whose inputs come from units on different devices is the device-mismatch error;
+- a logged move is a transfer exactly when its two units sit on different devices;
+- an offloaded unit streams the weights its call reads, and runs on the main device;
+- time: each call's ops priced on its device (cached per call, GPU kind and dtype);
+- memory: per device, the most live bytes over the call boundaries of the units it holds.
+
+The full dry run (virtual.py) stays the judge; tests check that this arithmetic gives the same
+transfers as a dry run of the plan itself, and memory within a stated tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .check import weight_bytes
+from .costmodel import Efficiency, Estimate, OpTable, combine
+from .hardware import Cluster
+from .placement import OFFLOAD_TIERS, main_location
+from .plan import Plan, resolve
+from .profile import DTYPE_BYTES, GROUPS, ModelProfile
+from .virtual import VirtualRun, virtual_run
+from .workload import Workload
+
+MAIN = "<main>"  # the logical device of the root (top-level code) in a trace
+WIDTH_DTYPE = {4: "fp32", 2: "fp16"}
+
+
+class InvalidPlan(Exception):
+    """The plan cannot run; `kind` and the message say why (as a dry run would)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class _Recording:
+    """One traced run (one width per precision group) as arrays."""
+
+    run: VirtualRun
+    tables: list[OpTable]
+    holder: np.ndarray  # [calls]: index of the holder each call runs as
+    live: np.ndarray  # [calls, holders]: bytes alive per holder when each call began
+    transient: np.ndarray  # [calls]: extra bytes the call's own holder reached inside it
+    weight_bytes: np.ndarray  # [calls]: parameter bytes each call read
+    move_src: np.ndarray
+    move_dst: np.ndarray
+    move_bytes: np.ndarray
+    kv: np.ndarray  # [holders]: KV cache bytes at full length
+
+
+class Trace:
+    def __init__(
+        self,
+        profile: ModelProfile,
+        workload: Workload,
+        not_offloadable: tuple[str, ...] = ("vit", "model.tok_embeddings"),
+    ):
+        self.profile, self.workload = profile, workload
+        self.units = [u.name for u in profile.units]
+        self.holders = [MAIN, *self.units]
+        self._hidx = {h: i for i, h in enumerate(self.holders)}
+        self.not_offloadable = not_offloadable
+        self._recordings: dict[tuple[int, ...], _Recording] = {}
+        self._price_cache: dict[tuple, np.ndarray] = {}
+        self.seconds = 0.0  # spent recording
+
+    # --- recording --------------------------------------------------------------------------
+    def recording(self, plan: Plan) -> _Recording:
+        """The trace for the plan's widths (fp16 and bf16 share one: same shapes, same bytes)."""
+        key = tuple(DTYPE_BYTES[plan.dtypes[g]] for g in GROUPS)
+        if key not in self._recordings:
+            self._recordings[key] = self._record({g: WIDTH_DTYPE[w] for g, w in zip(GROUPS, key)})
+        return self._recordings[key]
+
+    def _record(self, dtypes: dict[str, str]) -> _Recording:
+        units = {u: 0 for u in self.units}
+        run = virtual_run(
+            self.profile,
+            Plan(units, dtypes),
+            self.workload,
+            physical_map=units,
+            locations={u: u for u in self.units},
+            main_loc=MAIN,
+        )
+        if not run.ok:
+            raise RuntimeError(f"the trace itself failed: {run.failure.describe()}")
+        self.seconds += run.seconds
+        calls = [c for c in run.calls if c.phase != "setup"]
+        live = np.zeros((len(calls), len(self.holders)))
+        transient = np.zeros(len(calls))
+        for i, c in enumerate(calls):
+            for h, n in c.live_at_entry.items():
+                live[i, self._hidx[h]] = n
+            transient[i] = c.peak_inside - c.live_at_entry.get(c.loc, 0)
+        moves = [m for m in run.moves if m.phase != "setup"]
+        kv = np.zeros(len(self.holders))
+        for h, n in run.kv_bytes.items():
+            kv[self._hidx[h]] = n
+        run.calls, run.moves = calls, moves
+        return _Recording(
+            run,
+            [OpTable.of(c) for c in calls],
+            np.array([self._hidx[c.loc] for c in calls], dtype=int),
+            live,
+            transient,
+            np.array([c.weight_bytes for c in calls], dtype=np.float64),
+            np.array([self._hidx[m.src] for m in moves], dtype=int),
+            np.array([self._hidx[m.dst] for m in moves], dtype=int),
+            np.array([m.nbytes for m in moves], dtype=np.int64),
+            kv,
+        )
+
+    # --- evaluation -------------------------------------------------------------------------
+    def unit_devices(self, plan: Plan) -> dict[str, object]:
+        dmap = plan.device_map
+        if all(u in dmap for u in self.units) and len(dmap) == len(self.units):
+            return dict(dmap)
+        res = resolve(dmap, self.profile)
+        if res.uncovered or res.unknown_keys:
+            raise InvalidPlan("error", "the map does not place every unit exactly once")
+        out = {}
+        for u in self.units:
+            d = res.device_of_unit(u)
+            if d is None:
+                raise InvalidPlan("error", f"{u} is split across devices; only a dry run can price that")
+            out[u] = d
+        return out
+
+    def evaluate(self, plan: Plan, cluster: Cluster, eff: Efficiency = Efficiency()) -> Estimate:
+        """Simulated latency, transfers and memory of `plan`; InvalidPlan if it cannot run."""
+        placed = self.unit_devices(plan)
+        main = main_location(placed)
+        if main == "cpu":
+            raise InvalidPlan("error", "the plan puts nothing on a GPU")
+        for u, d in placed.items():
+            if isinstance(d, int) and d >= len(cluster.gpus):
+                raise InvalidPlan("error", f"{u} is on cuda:{d}, outside the cluster")
+            if d in OFFLOAD_TIERS and u in self.not_offloadable:
+                raise InvalidPlan("meta-copy", f"{u} cannot be offloaded: Cannot copy out of meta tensor")
+        root = set(self.profile.root_parameters)
+        # where each holder executes: offloaded units and root parameters run on the main device
+        exec_dev = np.array(
+            [main] + [main if (placed[u] in OFFLOAD_TIERS or u in root) else placed[u] for u in self.units]
+        )
+        offloaded = np.array([False] + [placed[u] in OFFLOAD_TIERS for u in self.units])
+        tier = [None] + [placed[u] if placed[u] in OFFLOAD_TIERS else None for u in self.units]
+        rec = self.recording(plan)
+        for op, locs, _ in rec.run.joins:
+            devs = {int(exec_dev[self._hidx[x]]) for x in locs}
+            if len(devs) > 1:
+                names = ", ".join(f"{x} on cuda:{exec_dev[self._hidx[x]]}" for x in locs)
+                raise InvalidPlan(
+                    "device-mismatch",
+                    f"Expected all tensors to be on the same device (top-level {op} joins {names})",
+                )
+        calls = rec.run.calls
+        call_dev = exec_dev[rec.holder]
+
+        # time: each call priced on its GPU, in the dtype of its unit's group
+        dtype_of = [plan.dtypes["lm"]] + [plan.dtypes[self.profile.group_of(u)] for u in self.units]
+        phase_compute: dict[str, float] = {}
+        for i, c in enumerate(calls):
+            secs = self._call_seconds(plan, i, cluster.gpus[call_dev[i]], dtype_of[rec.holder[i]], eff)
+            phase_compute[c.phase] = phase_compute.get(c.phase, 0.0) + secs
+
+        # moves: logged crossings whose two ends sit on different devices, plus offload streams
+        src, dst = exec_dev[rec.move_src], exec_dev[rec.move_dst]
+        moved = np.nonzero(src != dst)[0]
+        moves = [(rec.run.moves[k].phase, int(src[k]), int(dst[k]), int(rec.move_bytes[k]), rec.run.moves[k].kind) for k in moved]
+        for i in np.nonzero(offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
+            moves.append((calls[i].phase, tier[rec.holder[i]], main, int(rec.weight_bytes[i]), "weights"))
+        est = combine(phase_compute, moves, cluster, self.workload.new_tokens)
+
+        # memory: live bytes per device at every call boundary, plus the call's own transient
+        n_dev = len(cluster.gpus)
+        onehot = np.zeros((len(self.holders), n_dev))
+        onehot[np.arange(len(self.holders)), exec_dev] = 1.0
+        per_dev = rec.live @ onehot
+        extra = rec.transient + np.where(offloaded[rec.holder], rec.weight_bytes, 0.0)
+        per_dev[np.arange(len(calls)), call_dev] += extra
+        peak = per_dev.max(axis=0)
+        est.peak_bytes = {d: int(peak[d]) for d in range(n_dev) if peak[d] > 0}
+        kv = rec.kv @ onehot
+        est.kv_bytes = {d: int(kv[d]) for d in range(n_dev) if kv[d] > 0}
+        return est
+
+    def _call_seconds(self, plan: Plan, i: int, gpu, dtype: str, eff: Efficiency) -> float:
+        rec = self.recording(plan)
+        key = (id(rec), gpu, dtype, eff)
+        vec = self._price_cache.get(key)
+        if vec is None:
+            vec = np.array([t.seconds(gpu, dtype, eff) for t in rec.tables])
+            self._price_cache[key] = vec
+        return float(vec[i])
+
+    def weights(self, plan: Plan) -> dict:
+        return weight_bytes(plan, self.profile, resolve(plan.device_map, self.profile))
+
