@@ -84,3 +84,25 @@ def test_any_file_content_gives_a_verdict_or_one_line_error(tmp_path_factory, ca
     assert code in (0, 1, 2)
     if code == 2:
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_virtual_and_real(tmp_path, tiny, capsys):
+    code, out, _ = run_cli(["bench", "--model", "tiny", "--baseline", "authors", "--gpus", "2x1GiB", "--json"], capsys)
+    rec = json.loads(out)
+    assert code == 0 and rec["source"] == "simulated" and rec["status"] == "ok" and rec["e2e_ms"] > 0
+    m = write_json(tmp_path, two_gpu_map(tiny))
+    code, out, _ = run_cli(["bench", "--model", "tiny", "--map", str(m), "--real", "--gpus", "2x64MiB",
+                            "--repeats", "2", "--new-tokens", "3", "--json"], capsys)
+    rec = json.loads(out)
+    assert code == 0 and rec["source"] == "measured" and rec["repeats"] == 2 and rec["fidelity_top1"] == 1.0
+    code, out, _ = run_cli(["bench", "--model", "tiny", "--baseline", "accelerate-balanced", "--gpus", "2x2MiB"], capsys)
+    assert code in (0, 1) and "accelerate-balanced" in out
+
+
+def test_bench_bad_input(capsys):
+    code, _, err = run_cli(["bench", "--model", "tiny", "--baseline", "authors"], capsys)
+    assert code == 2 and "--gpus" in err
+    code, _, err = run_cli(["bench", "--model", "tiny", "--baseline", "nope", "--gpus", "2x1GiB"], capsys)
+    assert code == 2 and "unknown baseline" in err
+    code, _, err = run_cli(["bench", "--model", "ixc2-vl-7b", "--baseline", "authors", "--real", "--gpus", "2x24GiB"], capsys)
+    assert code == 2 and "RAM" in err

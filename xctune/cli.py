@@ -69,7 +69,18 @@ def _cluster(args):
 
     if not args.gpus:
         raise BadInput("--gpus is required (e.g. --gpus 2x24GiB)")
-    return make_cluster(args.gpus, link=args.link, headroom=args.headroom)
+    extra = {}
+    if getattr(args, "calibration", None):
+        from .calibrate import load_host_device
+
+        extra["host"] = load_host_device(args.calibration)
+    return make_cluster(args.gpus, link=args.link, headroom=args.headroom, extra=extra)
+
+
+def _efficiency(args):
+    from .costmodel import Efficiency
+
+    return Efficiency.load(args.calibration) if getattr(args, "calibration", None) else Efficiency()
 
 
 def _plan_from_args(args, profile, cluster):
@@ -104,6 +115,81 @@ def cmd_check(args) -> int:
     else:
         print(report.render())
     return 0 if report.ok else 1
+
+
+def cmd_bench(args) -> int:
+    from .baselines import repair
+    from .models.loading import resolve_model
+    from .plan import Plan
+
+    spec = resolve_model(args.model)
+    workload = _workload(args)
+    if args.real:
+        from .real import HostExecutor
+
+        budget = _cluster(args) if args.gpus else None
+        plan = _plan_from_args(args, spec.profile, budget or _default_cluster(args))
+        if args.repair:
+            plan = Plan(repair(plan.device_map, spec.profile), plan.dtypes, plan.skip_keys, plan.label)
+        if args.no_skip_kv:
+            plan = Plan(plan.device_map, plan.dtypes, (), plan.label)
+        _progress(args, f"measuring {plan.label or 'the map'} on this machine ({args.repeats} repeats)...")
+        record = HostExecutor(spec, workload, repeats=args.repeats, warmup=args.warmup, budget=budget).run(plan)
+    else:
+        from .simulate import simulate
+
+        cluster = _cluster(args)
+        plan = _plan_from_args(args, spec.profile, cluster)
+        if args.repair:
+            plan = Plan(repair(plan.device_map, spec.profile), plan.dtypes, plan.skip_keys, plan.label)
+        if args.no_skip_kv:
+            plan = Plan(plan.device_map, plan.dtypes, (), plan.label)
+        _progress(args, f"simulating {plan.label or 'the map'} on {cluster.describe()} (dry run on fake tensors)...")
+        record = simulate(spec.profile, plan, workload, cluster, _efficiency(args), label=plan.label)
+    if args.json:
+        print(record.to_json())
+    else:
+        print(record.summary())
+        if record.status == "invalid" and args.baseline and args.baseline.startswith("accelerate") and not args.repair:
+            print(f"accelerate's own map is invalid for this model; `--repair` benches the nearest valid map: "
+                  f"{json.dumps(repair(plan.device_map, spec.profile))}")
+    return 0 if record.ok else 1
+
+
+def _default_cluster(args):
+    """--real without --gpus: this machine's GPUs (memory as reported), for baselines that need a count."""
+    import torch
+
+    from .hardware import make_cluster
+
+    if args.baseline and not torch.cuda.is_available():
+        raise BadInput("--real --baseline on a machine without GPUs needs --gpus: the logical devices and their memory budgets")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    mem = [torch.cuda.get_device_properties(i).total_memory for i in range(n)] if torch.cuda.is_available() else [2**40]
+    return make_cluster(",".join(f"{m // 2**20}MiB" for m in mem), headroom=args.headroom)
+
+
+def _progress(args, message: str) -> None:
+    if not getattr(args, "json", False):
+        print(message, file=sys.stderr)
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from .calibrate import calibrate
+    from .models.loading import resolve_model
+
+    spec = resolve_model(args.model)
+    cal = calibrate(spec, repeats=args.repeats, progress=None if args.json else lambda m: print(m, file=sys.stderr))
+    out = Path(args.out)
+    cal.save(out)
+    if args.json:
+        _emit_json(cal.to_dict())
+    else:
+        print(cal.render())
+        print(f"written: {out}  (use it with --calibration {out}; `--gpus host` then describes this machine)")
+    return 0
 
 
 def cmd_constraints(args) -> int:
@@ -172,6 +258,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "bench",
+        help="one trial: run a plan and record latency, transfers, memory and fidelity",
+        description="Simulated on a virtual cluster (--gpus) through the dry run and the cost model, or measured "
+        "on this machine (--real: its GPUs, or logical devices on the CPU when it has too few). Prints a "
+        "summary or, with --json, the flat trial record. Exit 0: the plan ran; 1: it failed (oom, invalid, error).",
+    )
+    p.add_argument("--map", dest="map", help="device map or plan JSON")
+    p.add_argument("--baseline", help="a named map: authors, accelerate-sequential, accelerate-balanced, single")
+    p.add_argument("--repair", action="store_true", help="move the image path to the embeddings' device (accelerate's maps)")
+    _add_model(p)
+    _add_cluster(p, default=None)
+    p.add_argument("--real", action="store_true", help="measure on this machine; with --gpus, the GPUs are memory budgets for logical devices")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="precision of the whole model")
+    p.add_argument("--no-skip-kv", action="store_true", help="let accelerate move the KV cache like a bare from_pretrained map does")
+    _add_workload(p)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (--real; default %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (--real; default %(default)s)")
+    p.add_argument("--calibration", help="calibration JSON from `xctune calibrate` (efficiency factors, the host device)")
+    p.add_argument("--json", action="store_true", help="print the trial record as one flat JSON object")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the cost model to this machine and report its prediction error per phase",
+    )
+    p.add_argument("--model", default="tiny", help="a small model to measure (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per workload (default %(default)s)")
+    p.add_argument("--out", default="results/calibration/host.json", help="where to write the calibration (default %(default)s)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
         "constraints",

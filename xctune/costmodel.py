@@ -34,11 +34,13 @@ DECODE_PHASES = ("decode", "decode_last")
 class Efficiency:
     matmul: float = 0.70  # achieved fraction of peak FLOP/s in matmuls and attention
     memory: float = 0.80  # achieved fraction of memory bandwidth
-    op_overhead_us: float = 6.0  # per op: launch + Python + hook overhead of eager PyTorch
+    op_overhead_us: float = 6.0  # per op: kernel launch and dispatch of eager PyTorch
+    module_overhead_us: float = 0.0  # per nn.Module call: Python and accelerate-hook overhead
     source: str = "default assumption (not calibrated)"
 
     def __post_init__(self):
-        if not (0 < self.matmul <= 1 and 0 < self.memory <= 1 and self.op_overhead_us >= 0):
+        ok = 0 < self.matmul <= 1 and 0 < self.memory <= 1 and self.op_overhead_us >= 0 and self.module_overhead_us >= 0
+        if not ok:
             raise BadInput(f"efficiency factors out of range: {self}")
 
     @staticmethod
@@ -46,7 +48,13 @@ class Efficiency:
         try:
             data = json.loads(Path(path).read_text())
             eff = data.get("efficiency", data)
-            return Efficiency(float(eff["matmul"]), float(eff["memory"]), float(eff["op_overhead_us"]), f"calibrated: {path}")
+            return Efficiency(
+                float(eff["matmul"]),
+                float(eff["memory"]),
+                float(eff["op_overhead_us"]),
+                float(eff.get("module_overhead_us", 0.0)),
+                f"calibrated: {path}",
+            )
         except OSError as e:
             raise BadInput(f"cannot read calibration {path}: {e.strerror or e}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -63,6 +71,7 @@ class OpTable:
     flops: np.ndarray
     nbytes: np.ndarray
     matmul: np.ndarray
+    module_calls: int = 0
 
     @staticmethod
     def of(call: UnitCall) -> "OpTable":
@@ -70,14 +79,20 @@ class OpTable:
             np.array([o.flops for o in call.ops], dtype=np.float64),
             np.array([o.nbytes for o in call.ops], dtype=np.float64),
             np.array([o.matmul for o in call.ops], dtype=bool),
+            call.module_calls,
         )
 
-    def seconds(self, gpu: GPUSpec, dtype: str, eff: Efficiency) -> float:
+    def roofline_seconds(self, gpu: GPUSpec, dtype: str, eff: Efficiency) -> float:
+        """The ops' roofline time alone, without overheads."""
         if self.flops.size == 0:
             return 0.0
         compute = self.flops / (gpu.peak_flops(dtype) * eff.matmul)
         memory = self.nbytes / (gpu.mem_bw * eff.memory)
-        return float(np.maximum(compute, memory).sum() + self.flops.size * eff.op_overhead_us * 1e-6)
+        return float(np.maximum(compute, memory).sum())
+
+    def seconds(self, gpu: GPUSpec, dtype: str, eff: Efficiency) -> float:
+        overhead = self.flops.size * eff.op_overhead_us + self.module_calls * eff.module_overhead_us
+        return self.roofline_seconds(gpu, dtype, eff) + overhead * 1e-6
 
 
 @dataclass
@@ -161,6 +176,6 @@ def price_calls(
 ) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
     for call in calls:
-        if call.ops:
+        if call.ops or call.module_calls:
             out[call.phase] += OpTable.of(call).seconds(gpu_of(call), dtype_of(call), eff)
     return dict(out)

@@ -461,9 +461,11 @@ def _generic_gpu(token: str, number: str, unit: str) -> GPUSpec:
                    mem_bw_gbs=ref.mem_bw_gbs, source=_GENERIC_SOURCE)
 
 
-def _parse_kind(token: str) -> GPUSpec:
+def _parse_kind(token: str, extra: Mapping[str, GPUSpec]) -> GPUSpec:
     """A preset name or a bare memory size; ``token`` is stripped, original case."""
     key = token.lower()
+    if key in extra:
+        return extra[key]
     if key in GPU_PRESETS:
         return GPU_PRESETS[key]
     m = _SIZE_RE.fullmatch(key)
@@ -472,13 +474,13 @@ def _parse_kind(token: str) -> GPUSpec:
     raise BadInput(f"unknown GPU {token!r} in --gpus; {_known_gpus_hint()}")
 
 
-def _parse_item(item: str) -> tuple[int, GPUSpec]:
+def _parse_item(item: str, extra: Mapping[str, GPUSpec]) -> tuple[int, GPUSpec]:
     """``[N x]KIND`` -> (N, spec)."""
     # An exact preset name wins, so a preset whose name contains "x" is never split.
     # (The count regex also needs a digit before the "x", so "rtx4090" never matches it.)
-    m = None if item.lower() in GPU_PRESETS else _COUNT_RE.fullmatch(item)
+    m = None if item.lower() in GPU_PRESETS or item.lower() in extra else _COUNT_RE.fullmatch(item)
     if m is None:
-        return 1, _parse_kind(item)
+        return 1, _parse_kind(item, extra)
     count_text = m.group(1)
     if not count_text.isdigit():
         raise BadInput(f"GPU count must be a whole number >= 1, got {count_text!r} "
@@ -493,16 +495,17 @@ def _parse_item(item: str) -> tuple[int, GPUSpec]:
     if count > MAX_GPUS:  # check before building anything of that size
         raise BadInput(f"too many GPUs in --gpus: count {count_text!r} in {item!r} "
                        f"(max {MAX_GPUS} in total)")
-    return count, _parse_kind(kind)
+    return count, _parse_kind(kind, extra)
 
 
-def parse_gpus(spec: str) -> tuple[GPUSpec, ...]:
+def parse_gpus(spec: str, extra: Mapping[str, GPUSpec] | None = None) -> tuple[GPUSpec, ...]:
     """Parse a ``--gpus`` spec like ``"rtx4090, 2x rtx3060"`` or ``"2x24GiB"``.
 
     Items are comma-separated ``[N x]KIND``; KIND is a preset name from
     ``GPU_PRESETS`` or a memory size (``24GiB``, ``24GB`` = 24e9 bytes,
     ``24G`` = 24 GiB, ``512MiB``) for a generic GPU. Case and whitespace are
-    ignored. Returns the GPUs in the order written. Raises BadInput.
+    ignored. ``extra`` adds named devices (a calibrated ``host``). Returns the
+    GPUs in the order written. Raises BadInput.
     """
     if not isinstance(spec, str):
         raise BadInput(f"--gpus must be a string, got {type(spec).__name__}")
@@ -513,7 +516,7 @@ def parse_gpus(spec: str) -> tuple[GPUSpec, ...]:
         item = raw.strip()
         if not item:
             raise BadInput(f"empty item in --gpus {spec.strip()!r} (stray comma?)")
-        count, gpu = _parse_item(item)
+        count, gpu = _parse_item(item, extra or {})
         if len(gpus) + count > MAX_GPUS:
             raise BadInput(f"too many GPUs in --gpus: {len(gpus) + count} "
                            f"after {item!r} (max {MAX_GPUS} in total)")
@@ -529,10 +532,11 @@ def _link(name: object, what: str) -> LinkSpec:
 
 
 def make_cluster(gpus: str, link: str = DEFAULT_GPU_LINK, headroom: float = 0.10,
-                 host_link: str = "pcie4", disk: str = "nvme-pcie4") -> Cluster:
+                 host_link: str = "pcie4", disk: str = "nvme-pcie4",
+                 extra: Mapping[str, GPUSpec] | None = None) -> Cluster:
     """Build a Cluster from a ``--gpus`` spec and link preset names. Raises BadInput."""
     return Cluster(
-        gpus=parse_gpus(gpus),
+        gpus=parse_gpus(gpus, extra),
         gpu_link=_link(link, "GPU link"),
         host_link=_link(host_link, "host link"),
         disk_link=_link(disk, "disk link"),

@@ -256,18 +256,21 @@ class UnitCall:
     ops: list[OpCost] = field(default_factory=list)
     live_at_entry: dict = field(default_factory=dict)  # holder -> bytes alive when the call began
     peak_inside: int = 0  # the most bytes this call's holder had alive during the call
-    weight_bytes: int = 0  # bytes of parameters the call's ops read (what offload would stream)
+    weight_chunks: list = field(default_factory=list)  # bytes of parameters read, per owning module (one offload load each)
+    module_calls: int = 0  # nn.Module forward calls inside (each costs Python and hook overhead)
 
 
 class OpRecorder(TorchDispatchMode):
     """Prices ops per unit call and tracks live tensor bytes per holder (the unit's location)."""
 
     def __init__(self, tracker: Tracker, *, guard_meta_copies: bool = False, parameters=()):
+        """`parameters`: (name, tensor) pairs, as `model.named_parameters()` gives them."""
         super().__init__()
         self.tracker = tracker
-        # parameters by storage: ops see views of them (a Linear multiplies by weight.t())
-        self._params = {p.untyped_storage()._cdata: _nbytes(p) for p in parameters}
-        self._touched: list[set] = []
+        # parameters by storage (ops see views of them: a Linear multiplies by weight.t()), with the
+        # module that owns each: accelerate's offload hooks load one module's parameters at a time
+        self._params = {p.untyped_storage()._cdata: (_nbytes(p), name.rpartition(".")[0]) for name, p in parameters}
+        self._touched: list[dict] = []  # per open call: owner module -> index into its weight_chunks
         self.guard_meta_copies = guard_meta_copies
         self.calls: list[UnitCall] = []
         self._open: list[UnitCall] = []
@@ -284,7 +287,7 @@ class OpRecorder(TorchDispatchMode):
         call.peak_inside = self.live[loc]
         self.calls.append(call)
         self._open.append(call)
-        self._touched.append(set())
+        self._touched.append({})
 
     def exit(self, unit):
         self._open.pop()
@@ -326,6 +329,19 @@ class OpRecorder(TorchDispatchMode):
             call.peak_inside = self.live[call.loc]
         nbytes = sum(_nbytes(x) for x in inputs) + _nbytes(out)
         call.ops.append(OpCost(flops, nbytes, True, name))
+
+    def __enter__(self):
+        self._module_hook = torch.nn.modules.module.register_module_forward_pre_hook(self._count_module)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._module_hook.remove()
+        return super().__exit__(*exc)
+
+    def _count_module(self, module, args):
+        if self.tracker.recording:
+            call = self._open[-1] if self._in_unit() else self._top_call(self.tracker.main)
+            call.module_calls += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -371,13 +387,17 @@ class OpRecorder(TorchDispatchMode):
         if tr.unpriced or is_move or all(o.device.type == "meta" for o in out_leaves):
             return out  # moves are priced as transfers, not as compute
         if self._touched and self._params:
-            seen = self._touched[-1]
+            owners = self._touched[-1]
             for x in in_leaves:
                 key = x.untyped_storage()._cdata
-                n = self._params.get(key)
-                if n is not None and key not in seen:
-                    seen.add(key)
-                    call.weight_bytes += n
+                hit = self._params.get(key)
+                if hit is not None and key not in owners:
+                    owners[key] = True
+                    n, owner = hit
+                    if owner not in owners:
+                        owners[owner] = len(call.weight_chunks)
+                        call.weight_chunks.append(0)
+                    call.weight_chunks[owners[owner]] += n
         if packet in _GATHER_OPS:
             out_bytes = sum(_nbytes(x) for x in out_leaves)
             nbytes = 2 * out_bytes + sum(_nbytes(x) for x in in_leaves if not x.is_floating_point())

@@ -127,3 +127,8 @@ def profile_of(config: XComposerConfig) -> ModelProfile:
         tuple((n, p.numel()) for n, p in model.named_parameters()),
         tuple((n, b.numel()) for n, b in model.named_buffers()),
     )
+
+
+def unit_torch_dtypes(profile: ModelProfile, plan) -> dict[str, torch.dtype]:
+    """Each module unit's torch dtype under a plan (for the casting hooks of mixed-precision plans)."""
+    return {u.name: DTYPES[plan.dtypes[u.group]] for u in profile.units if not u.is_parameter}

@@ -40,6 +40,14 @@ class Spread:
         return Spread(value, value, 0.0, 1)
 
 
+def fmt_bytes(n: float) -> str:
+    """Human-readable binary size: 512 B, 3.2 MiB, 17.25 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def software_versions() -> dict[str, str]:
     import accelerate
     import torch
@@ -136,14 +144,14 @@ class TrialRecord:
                         ("decode per token", self.decode_ms_per_token), ("end to end", self.e2e_ms)):
             if s is not None:
                 lines.append(fmt(name, s))
-        lines.append(f"  transfers              {self.transfer_bytes / 1e6:10.2f} MB in {self.transfer_count} moves"
+        lines.append(f"  transfers              {fmt_bytes(self.transfer_bytes):>13} in {self.transfer_count} moves"
                      + (f", {self.transfer_ms:.2f} ms" if self.transfer_ms is not None else ""))
         for link, b in self.transfer_by_link.items():
-            lines.append(f"    {link:<20} {b / 1e6:10.2f} MB")
+            lines.append(f"    {link:<20} {fmt_bytes(b):>13}")
         if self.streamed_weight_bytes:
-            lines.append(f"  offloaded weights streamed {self.streamed_weight_bytes / 1e9:.2f} GB")
+            lines.append(f"  offloaded weights streamed {fmt_bytes(self.streamed_weight_bytes)} (included above)")
         for d, b in self.peak_bytes.items():
-            lines.append(f"  peak {d:<17} {b / 2**30:10.3f} GiB (weights {self.weights_bytes.get(d, 0) / 2**30:.3f})")
+            lines.append(f"  peak {d:<17} {fmt_bytes(b):>13} (weights {fmt_bytes(self.weights_bytes.get(d, 0))})")
         if self.memory_note:
             lines.append(f"  ({self.memory_note})")
         if self.fidelity_top1 is not None:

@@ -54,7 +54,8 @@ class _Recording:
     holder: np.ndarray  # [calls]: index of the holder each call runs as
     live: np.ndarray  # [calls, holders]: bytes alive per holder when each call began
     transient: np.ndarray  # [calls]: extra bytes the call's own holder reached inside it
-    weight_bytes: np.ndarray  # [calls]: parameter bytes each call read
+    weight_bytes: np.ndarray  # [calls]: parameter bytes each call read (its offload streams, summed)
+    weight_chunk_max: np.ndarray  # [calls]: the largest one module's parameters (held at once when offloaded)
     move_src: np.ndarray
     move_dst: np.ndarray
     move_bytes: np.ndarray
@@ -73,23 +74,24 @@ class Trace:
         self.holders = [MAIN, *self.units]
         self._hidx = {h: i for i, h in enumerate(self.holders)}
         self.not_offloadable = not_offloadable
-        self._recordings: dict[tuple[int, ...], _Recording] = {}
+        self._recordings: dict[tuple, _Recording] = {}
         self._price_cache: dict[tuple, np.ndarray] = {}
         self.seconds = 0.0  # spent recording
 
     # --- recording --------------------------------------------------------------------------
     def recording(self, plan: Plan) -> _Recording:
-        """The trace for the plan's widths (fp16 and bf16 share one: same shapes, same bytes)."""
-        key = tuple(DTYPE_BYTES[plan.dtypes[g]] for g in GROUPS)
+        """The trace for the plan's widths (fp16 and bf16 share one: same shapes, same bytes) and skip keys."""
+        widths = tuple(DTYPE_BYTES[plan.dtypes[g]] for g in GROUPS)
+        key = (widths, tuple(plan.skip_keys))
         if key not in self._recordings:
-            self._recordings[key] = self._record({g: WIDTH_DTYPE[w] for g, w in zip(GROUPS, key)})
+            self._recordings[key] = self._record({g: WIDTH_DTYPE[w] for g, w in zip(GROUPS, widths)}, plan.skip_keys)
         return self._recordings[key]
 
-    def _record(self, dtypes: dict[str, str]) -> _Recording:
+    def _record(self, dtypes: dict[str, str], skip_keys) -> _Recording:
         units = {u: 0 for u in self.units}
         run = virtual_run(
             self.profile,
-            Plan(units, dtypes),
+            Plan(units, dtypes, tuple(skip_keys)),
             self.workload,
             physical_map=units,
             locations={u: u for u in self.units},
@@ -116,7 +118,8 @@ class Trace:
             np.array([self._hidx[c.loc] for c in calls], dtype=int),
             live,
             transient,
-            np.array([c.weight_bytes for c in calls], dtype=np.float64),
+            np.array([sum(c.weight_chunks) for c in calls], dtype=np.float64),
+            np.array([max(c.weight_chunks, default=0) for c in calls], dtype=np.float64),
             np.array([self._hidx[m.src] for m in moves], dtype=int),
             np.array([self._hidx[m.dst] for m in moves], dtype=int),
             np.array([m.nbytes for m in moves], dtype=np.int64),
@@ -181,7 +184,8 @@ class Trace:
         moved = np.nonzero(src != dst)[0]
         moves = [(rec.run.moves[k].phase, int(src[k]), int(dst[k]), int(rec.move_bytes[k]), rec.run.moves[k].kind) for k in moved]
         for i in np.nonzero(offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
-            moves.append((calls[i].phase, tier[rec.holder[i]], main, int(rec.weight_bytes[i]), "weights"))
+            # one load per module that owns parameters, as accelerate's offload hooks do it
+            moves.extend((calls[i].phase, tier[rec.holder[i]], main, n, "weights") for n in calls[i].weight_chunks)
         est = combine(phase_compute, moves, cluster, self.workload.new_tokens)
 
         # memory: live bytes per device at every call boundary, plus the call's own transient
@@ -189,7 +193,8 @@ class Trace:
         onehot = np.zeros((len(self.holders), n_dev))
         onehot[np.arange(len(self.holders)), exec_dev] = 1.0
         per_dev = rec.live @ onehot
-        extra = rec.transient + np.where(offloaded[rec.holder], rec.weight_bytes, 0.0)
+        # an offloaded unit holds one module's weights at a time: accelerate drops each after its forward
+        extra = rec.transient + np.where(offloaded[rec.holder], rec.weight_chunk_max, 0.0)
         per_dev[np.arange(len(calls)), call_dev] += extra
         peak = per_dev.max(axis=0)
         est.peak_bytes = {d: int(peak[d]) for d in range(n_dev) if peak[d] > 0}

@@ -24,7 +24,7 @@ from .build import virtual_model
 from .instrument import ROOT, FusedAttention, Location, Move, OpRecorder, Tracker, UnitCall
 from .placement import VirtualWorld, dispatch, fake_friendly_accelerate
 from .plan import Plan
-from .profile import ModelProfile
+from .profile import ModelProfile, unit_torch_dtypes
 from .workload import Workload, extend_cache, generate, make_inputs
 
 PHASES = ("vision", "prefill", "decode", "decode_last")
@@ -81,7 +81,7 @@ def _failure(exc: BaseException, tracker: Tracker | None, rec: OpRecorder | None
 
 
 @contextlib.contextmanager
-def _quiet_accelerate():
+def quiet_accelerate():
     logger = logging.getLogger("accelerate")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -114,7 +114,7 @@ def virtual_run(
     tracker = rec = None
     t0 = time.perf_counter()
     try:
-        with _quiet_accelerate(), fake_friendly_accelerate():
+        with quiet_accelerate(), fake_friendly_accelerate():
             model = virtual_model(profile, build_plan, mode)
             with mode:
                 placed = dispatch(
@@ -122,14 +122,14 @@ def virtual_run(
                     dmap,
                     VirtualWorld(),
                     skip_keys=plan.skip_keys,
-                    unit_dtypes=_unit_dtypes(profile, plan) if plan.mixed else None,
+                    unit_dtypes=unit_torch_dtypes(profile, plan) if plan.mixed else None,
                     collapsed=locations is not None,
                     locations=locations,
                     main_loc=main_loc,
                 )
             tracker = placed.tracker
             run.main = tracker.main
-            rec = OpRecorder(tracker, guard_meta_copies=True, parameters=list(model.parameters()))
+            rec = OpRecorder(tracker, guard_meta_copies=True, parameters=list(model.named_parameters()))
 
             @contextlib.contextmanager
             def phase(name):
@@ -162,9 +162,3 @@ def virtual_run(
         run.calls, run.peak_bytes, run.joins = rec.calls, dict(rec.peak), rec.joins
     run.seconds = time.perf_counter() - t0
     return run
-
-
-def _unit_dtypes(profile: ModelProfile, plan: Plan) -> dict[str, torch.dtype]:
-    from .profile import DTYPES
-
-    return {u.name: DTYPES[plan.dtypes[u.group]] for u in profile.units if not u.is_parameter}
