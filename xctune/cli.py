@@ -192,6 +192,49 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from pathlib import Path
+
+    from .report import summary, write_outputs
+    from .search import run_search
+    from .space import SpaceOptions
+    from .study import find_default_study, load_study, with_overrides
+
+    spec = load_study(args.study) if args.study else load_study(find_default_study())
+    changes = dict(
+        model=args.model, gpus=args.gpus, trials=args.trials, storage=args.storage, name=args.study_name,
+        out=args.out, sampler=args.sampler, seed=args.seed, calibration=args.calibration,
+    )
+    if args.objectives:
+        changes["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    if args.real:
+        changes["real"] = True
+    spec = with_overrides(spec, **changes)
+    if args.model and args.model != spec.model:
+        pass
+    if args.model:  # a new model makes the study's baseline and space settings still apply; the workload too
+        spec = with_overrides(spec, space=SpaceOptions(**{**spec.space.__dict__}))
+    quiet = args.json
+    result = run_search(spec, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
+    files = write_outputs(result)
+    if args.json:
+        _emit_json({
+            "study": spec.name,
+            "out": str(spec.out_dir),
+            "trials": len(result.study.trials),
+            "best": {k: v for k, v in (result.best or {}).items() if k != "_plan"},
+            "optimum_e2e_ms": result.optimum.e2e_ms if result.optimum and result.optimum.plan else None,
+            "files": {k: str(v) for k, v in files.items()},
+            "interrupted": result.interrupted,
+        })
+    else:
+        print(summary(result))
+        print("written: " + ", ".join(str(Path(p)) for p in files.values()))
+    if result.interrupted:
+        return 130
+    return 0 if result.best else 1
+
+
 def cmd_constraints(args) -> int:
     from .constraints import constraint_report
     from .models.loading import resolve_model
@@ -258,6 +301,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "search",
+        help="search device maps and precisions with Optuna; export the best map and a leaderboard",
+        description="Runs a study file (default: studies/default.toml: ixc2-vl-7b on a virtual 2x24GiB cluster). "
+        "Trials are valid plans by construction; the baselines are enqueued first. Outputs go to "
+        "results/<study>/ (best_map.json, best_plan.json, leaderboard.csv/.md, plots). Running the same "
+        "study again resumes it and adds trials.",
+    )
+    p.add_argument("--study", help="study TOML file (default: studies/default.toml)")
+    p.add_argument("--trials", type=int, help="sampled trials to add (baselines come on top)")
+    p.add_argument("--model", help="override the study's model")
+    p.add_argument("--gpus", help="override the study's cluster (with --real: memory budgets of logical devices)")
+    p.add_argument("--real", action="store_true", help="measure every trial on this machine")
+    p.add_argument("--objectives", help="comma-separated: latency (e2e ms), peak_mem (bytes), transfer (bytes)")
+    p.add_argument("--sampler", choices=["auto", "tpe", "nsga2", "random"], help="Optuna sampler (default: auto)")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite under the output folder)")
+    p.add_argument("--study-name", help="study name (default: the file's)")
+    p.add_argument("--out", help="output folder (default: results/<study-name>)")
+    p.add_argument("--calibration", help="calibration JSON for the cost model")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
         "bench",

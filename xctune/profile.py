@@ -26,17 +26,19 @@ class Unit:
     name: str
     group: str  # precision group
     params: int  # parameter count
-    buffer_elems: int  # buffer elements (rotary tables): they follow the dtype and stay on the execution device
+    buffer_elems: int  # floating-point buffer elements (rotary tables): they follow the dtype
+    int_buffer_bytes: int = 0  # integer buffers (CLIP's position_ids) keep their width
     is_parameter: bool = False  # a root-level parameter rather than a module
 
     def weight_bytes(self, dtype: str) -> int:
-        return (self.params + self.buffer_elems) * DTYPE_BYTES[dtype]
+        return self.param_bytes(dtype) + self.buffer_bytes(dtype)
 
     def param_bytes(self, dtype: str) -> int:
         return self.params * DTYPE_BYTES[dtype]
 
     def buffer_bytes(self, dtype: str) -> int:
-        return self.buffer_elems * DTYPE_BYTES[dtype]
+        """Buffers stay on the execution device, offloaded or not (accelerate's default)."""
+        return self.buffer_elems * DTYPE_BYTES[dtype] + self.int_buffer_bytes
 
 
 @dataclass(frozen=True)
@@ -105,19 +107,24 @@ def profile_of(config: XComposerConfig) -> ModelProfile:
         model = XComposer(config)
     params: dict[str, int] = {}
     buffers: dict[str, int] = {}
+    int_buffers: dict[str, int] = {}
     for name, p in model.named_parameters():
         u = unit_of_parameter(name)
         params[u] = params.get(u, 0) + p.numel()
     for name, b in model.named_buffers():
         u = unit_of_parameter(name)
-        buffers[u] = buffers.get(u, 0) + b.numel()
+        if b.is_floating_point():
+            buffers[u] = buffers.get(u, 0) + b.numel()
+        else:
+            int_buffers[u] = int_buffers.get(u, 0) + b.numel() * b.element_size()
     order = ["vit", "vision_proj"]
     order += [n for n, _ in model.named_parameters(recurse=False)]  # GN vectors
     order += ["model.tok_embeddings"] + [f"{LAYER_PREFIX}{i}" for i in range(config.num_layers)]
     order += ["model.norm", "output"]
     root_params = {n for n, _ in model.named_parameters(recurse=False)}
     units = tuple(
-        Unit(n, _group(n), params.get(n, 0), buffers.get(n, 0), is_parameter=n in root_params) for n in order
+        Unit(n, _group(n), params.get(n, 0), buffers.get(n, 0), int_buffers.get(n, 0), is_parameter=n in root_params)
+        for n in order
     )
     coloc = ("vit", "vision_proj", "model.tok_embeddings", *sorted(root_params))
     return ModelProfile(
@@ -132,3 +139,20 @@ def profile_of(config: XComposerConfig) -> ModelProfile:
 def unit_torch_dtypes(profile: ModelProfile, plan) -> dict[str, torch.dtype]:
     """Each module unit's torch dtype under a plan (for the casting hooks of mixed-precision plans)."""
     return {u.name: DTYPES[plan.dtypes[u.group]] for u in profile.units if not u.is_parameter}
+
+
+def unit_level_weights(profile: ModelProfile, placed: dict, dtypes: dict, main) -> dict:
+    """Weight bytes per device for a unit-level map (the fast twin of check.weight_bytes).
+
+    Parameters sit where the map puts them (GPU, "cpu", "disk"); buffers on the execution
+    device (the main GPU for offloaded units); root parameters on the main device.
+    """
+    out: dict = {}
+    for u in profile.units:
+        dtype = dtypes[u.group]
+        dev = main if u.is_parameter else placed[u.name]
+        exec_dev = main if dev in ("cpu", "disk") else dev
+        out[dev] = out.get(dev, 0) + u.param_bytes(dtype)
+        if u.buffer_elems or u.int_buffer_bytes:
+            out[exec_dev] = out.get(exec_dev, 0) + u.buffer_bytes(dtype)
+    return out

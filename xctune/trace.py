@@ -20,16 +20,18 @@ transfers as a dry run of the plan itself, and memory within a stated tolerance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .check import weight_bytes
 from .costmodel import Efficiency, Estimate, OpTable, combine
 from .hardware import Cluster
 from .placement import OFFLOAD_TIERS, main_location
 from .plan import Plan, resolve
-from .profile import DTYPE_BYTES, GROUPS, ModelProfile
+from .profile import DTYPE_BYTES, GROUPS, ModelProfile, unit_level_weights
 from .virtual import VirtualRun, virtual_run
 from .workload import Workload
 
@@ -68,8 +70,10 @@ class Trace:
         profile: ModelProfile,
         workload: Workload,
         not_offloadable: tuple[str, ...] = ("vit", "model.tok_embeddings"),
+        cache_dir: Path | None = None,
     ):
         self.profile, self.workload = profile, workload
+        self.cache_dir = cache_dir
         self.units = [u.name for u in profile.units]
         self.holders = [MAIN, *self.units]
         self._hidx = {h: i for i, h in enumerate(self.holders)}
@@ -84,8 +88,33 @@ class Trace:
         widths = tuple(DTYPE_BYTES[plan.dtypes[g]] for g in GROUPS)
         key = (widths, tuple(plan.skip_keys))
         if key not in self._recordings:
-            self._recordings[key] = self._record({g: WIDTH_DTYPE[w] for g, w in zip(GROUPS, widths)}, plan.skip_keys)
+            self._recordings[key] = self._cached(key, lambda: self._record(
+                {g: WIDTH_DTYPE[w] for g, w in zip(GROUPS, widths)}, plan.skip_keys))
         return self._recordings[key]
+
+    def _cached(self, key, make):
+        """Recordings are pure functions of (model, workload, widths, skip keys, versions): keep them on disk."""
+        if self.cache_dir is None:
+            return make()
+        import torch
+
+        from . import __version__
+
+        ident = repr((asdict(self.profile.config), self.workload.to_dict(), key, __version__, torch.__version__))
+        path = Path(self.cache_dir) / f"trace-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.pkl"
+        if path.is_file():
+            try:
+                with path.open("rb") as f:
+                    return pickle.load(f)
+            except Exception:  # a stale or broken cache entry is recomputed, never trusted
+                path.unlink(missing_ok=True)
+        rec = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump(rec, f)
+        tmp.replace(path)
+        return rec
 
     def _record(self, dtypes: dict[str, str], skip_keys) -> _Recording:
         units = {u: 0 for u in self.units}
@@ -212,5 +241,6 @@ class Trace:
         return float(vec[i])
 
     def weights(self, plan: Plan) -> dict:
-        return weight_bytes(plan, self.profile, resolve(plan.device_map, self.profile))
+        placed = self.unit_devices(plan)
+        return unit_level_weights(self.profile, placed, plan.dtypes, main_location(placed))
 

@@ -1,0 +1,328 @@
+"""What a search leaves behind: the best map, the leaderboard, plots, and a summary.
+
+Files under the study's output folder:
+- `best_map.json`   the map, exactly loadable by `from_pretrained(device_map=json.load(f))`
+- `best_plan.json`  map + dtypes + workload + its trial record + how it compares with each baseline
+- `load_best_map.py` the few lines that load the map the fast way (working skip_keys, dtypes)
+- `leaderboard.csv` / `leaderboard.md`  one row per trial, baselines marked, sorted by the objective
+- `history.png`, `memory.png` (and `pareto.png` for several objectives)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+
+from .hardware import GiB
+from .plan import Plan, write_device_map
+from .profile import LAYER_PREFIX
+from .record import fmt_bytes
+
+FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes"}
+
+
+def layout(plan: Plan, profile) -> str:
+    """`emb:0 L0-15:0 L16-31:1 head:1` — a map in one line."""
+    m = plan.device_map
+    parts = []
+    emb = {m.get(u) for u in ("vit", "vision_proj", "model.tok_embeddings")}
+    if len(emb) == 1:
+        parts.append(f"emb:{emb.pop()}")
+    else:
+        parts += [f"{short}:{m.get(u)}" for short, u in (("vit", "vit"), ("proj", "vision_proj"), ("emb", "model.tok_embeddings"))]
+    run_start, prev = None, object()
+    layers = profile.layers
+    for i, u in enumerate([*layers, None]):
+        d = m.get(u) if u else object()
+        if d != prev:
+            if run_start is not None:
+                parts.append(f"L{run_start}-{i - 1}:{prev}" if i - 1 > run_start else f"L{run_start}:{prev}")
+            run_start, prev = i, d
+    head = {m.get("model.norm"), m.get("output")}
+    parts.append(f"head:{head.pop()}" if len(head) == 1 else f"norm:{m.get('model.norm')} out:{m.get('output')}")
+    return " ".join(parts)
+
+
+def collect_rows(study: optuna.Study, objectives) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        plan = t.user_attrs.get("plan")
+        base = {
+            "trial": t.number,
+            "baseline": t.user_attrs.get("baseline"),
+            "seed_plan": t.user_attrs.get("seed"),
+            "state": t.state.name,
+            "_plan": plan,
+        }
+        if t.state == optuna.trial.TrialState.COMPLETE and "record" in t.user_attrs:
+            feasible = all(v <= 0 for v in t.constraints.values())
+            rows.append({**t.user_attrs["record"], **base, "feasible": feasible,
+                         **{f"constraint.{k}": v for k, v in t.constraints.items()}})
+        elif t.state == optuna.trial.TrialState.PRUNED:
+            rows.append({**t.user_attrs.get("record", {}), **base, "feasible": False, "status": "pruned",
+                         "cause": t.user_attrs.get("pruned", ""), "label": base["baseline"] or f"trial {t.number}"})
+        elif t.state == optuna.trial.TrialState.FAIL:
+            rows.append({**base, "feasible": False, "status": "error", "label": f"trial {t.number}"})
+    key = FIRST[objectives[0]]
+
+    def order(r):
+        value = r.get(key)
+        value = math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else value
+        return (0 if r.get("feasible") else 1 if r.get("status") in ("ok", "oom") else 2, value)
+
+    rows.sort(key=order)
+    return rows
+
+
+def pick_best(result, evaluator) -> None:
+    """The best feasible trial; in the virtual world it must also pass the full dry run (`check`)."""
+    from .check import check
+
+    spec = result.spec
+    key = FIRST[spec.objectives[0]]
+    candidates = [r for r in result.records if r.get("feasible") and r.get("_plan")]
+    if len(spec.objectives) > 1:
+        front = {t.number for t in result.study.best_trials}
+        candidates = [r for r in candidates if r.get("trial") in front] or candidates
+        for r in result.records:
+            r["pareto"] = r.get("trial") in front
+    candidates.sort(key=lambda r: r.get(key, math.inf))
+    for r in candidates[:5]:
+        plan = Plan.from_dict(r["_plan"])
+        if spec.real:
+            result.best, result.best_plan, result.verified = r, plan, "measured on this machine"
+            return
+        report = check(plan, result.profile, result.cluster, spec.workload)
+        if report.ok:
+            result.best, result.best_plan = r, plan
+            result.verified = "passes xctune check (static rules + dry run on virtual GPUs)"
+            return
+        r["feasible"] = False
+        r["cause"] = "rejected by the dry run: " + "; ".join(f.message for f in report.errors)[:300]
+
+
+def _ratio_rows(result) -> list[dict]:
+    best = result.best
+    out = []
+    key = FIRST[result.spec.objectives[0]]
+    for r in result.records:
+        if not r.get("baseline"):
+            continue
+        row = {"baseline": r["baseline"], "status": r.get("status"), "feasible": bool(r.get("feasible"))}
+        if best and r.get("status") == "ok" and r.get(key):
+            row[key] = r.get(key)
+            row["ratio"] = r[key] / best[key] if best.get(key) else None
+        else:
+            row["cause"] = r.get("cause", "")
+        out.append(row)
+    return out
+
+
+LOADER = '''"""Load the best map the fast way (written by xctune search).
+
+A bare `from_pretrained(device_map=...)` under transformers 5 does not skip the KV cache when
+it moves outputs between GPUs (the remote code's skip keys arrive as a set of letters): the
+cache then crosses GPUs at every decode step. These lines put the skip keys right.
+"""
+import json
+
+import torch
+from transformers import AutoModel
+
+PATH = "internlm/internlm-xcomposer2-vl-7b"  # your checkpoint
+device_map = json.load(open("best_map.json"))
+model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torch.{dtype}, device_map=device_map).eval()
+hook = getattr(model, "_hf_hook", None)
+if hook is not None:  # the root hook sends outputs back to the first GPU: not the cache
+    hook.skip_keys = ["past_key_values", "cache"]
+{mixed}'''
+
+
+def write_outputs(result) -> dict[str, Path]:
+    spec, out = result.spec, result.spec.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    rows = result.records
+    import pandas as pd
+
+    flat = [{k: v for k, v in r.items() if k != "_plan"} for r in rows]
+    for i, r in enumerate(flat):
+        r["rank"] = i + 1
+        r["layout"] = layout(Plan.from_dict(rows[i]["_plan"]), result.profile) if rows[i].get("_plan") else ""
+    df = pd.DataFrame(flat)
+    first = ["rank", "label", "baseline", "trial", "state", "status", "feasible", "source", "layout",
+             "dtypes.vision", "dtypes.lm", "dtypes.head", "e2e_ms", "prefill_ms", "decode_ms_per_token", "vision_ms",
+             "peak_bytes_max", "transfer_bytes", "fidelity_top1", "cause", "plan_id"]
+    cols = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
+    df = df[cols] if len(df) else df
+    files["leaderboard.csv"] = out / "leaderboard.csv"
+    df.to_csv(files["leaderboard.csv"], index=False)
+    files["leaderboard.md"] = out / "leaderboard.md"
+    files["leaderboard.md"].write_text(_markdown(df, result))
+
+    if result.best_plan is not None:
+        files["best_map.json"] = out / "best_map.json"
+        write_device_map(result.best_plan, files["best_map.json"])
+        files["best_plan.json"] = out / "best_plan.json"
+        files["best_plan.json"].write_text(json.dumps(_best_plan_doc(result), indent=1, default=str) + "\n")
+        files["load_best_map.py"] = out / "load_best_map.py"
+        dt = result.best_plan.dtypes["lm"]
+        mixed = ""
+        if result.best_plan.mixed:
+            mixed = (f"# The plan mixes precisions ({result.best_plan.dtype_label}): cast each group as best_plan.json says,\n"
+                     f"# e.g. model.vit.to(torch.{_torch_name(result.best_plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
+        files["load_best_map.py"].write_text(LOADER.format(dtype=_torch_name(dt), mixed=mixed))
+    files.update(_plots(result, out))
+    return files
+
+
+def _torch_name(d: str) -> str:
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[d]
+
+
+def _best_plan_doc(result) -> dict:
+    best, spec = result.best, result.spec
+    doc = {
+        "study": spec.name,
+        "model": spec.model,
+        "cluster": result.cluster.describe(),
+        "plan": result.best_plan.to_dict(),
+        "layout": layout(result.best_plan, result.profile),
+        "workload": spec.workload.to_dict(),
+        "source": best.get("source"),
+        "verified": result.verified,
+        "record": {k: v for k, v in best.items() if k != "_plan"},
+        "baselines": _ratio_rows(result),
+        "how_to_load": "json.load(open('best_map.json')) as device_map= of from_pretrained; see load_best_map.py "
+                       "for the skip keys that keep the KV cache in place",
+    }
+    if result.optimum is not None and result.optimum.plan is not None:
+        doc["optimum"] = {
+            "e2e_ms": result.optimum.e2e_ms,
+            "layout": layout(result.optimum.plan, result.profile),
+            "dtypes": result.optimum.plan.dtypes,
+            "gap": best["e2e_ms"] / result.optimum.e2e_ms - 1 if best.get("e2e_ms") else None,
+            "source": "simulated: exact optimum of the cost model over the search space (dynamic programming)",
+        }
+    return doc
+
+
+def _markdown(df, result) -> str:
+    spec = result.spec
+    lines = [f"# Leaderboard: {spec.name}", "",
+             f"{spec.model} on {result.cluster.describe()}; workload: {spec.workload.describe(result.profile.config)}; "
+             f"objective(s): {', '.join(spec.objectives)}; numbers are **{'measured' if spec.real else 'simulated'}**.", ""]
+    cols = [("rank", "#"), ("label", "trial"), ("status", "status"), ("layout", "layout"),
+            ("dtypes.lm", "lm dtype"), ("e2e_ms", "e2e ms"), ("decode_ms_per_token", "decode ms/tok"),
+            ("peak_bytes_max", "peak"), ("transfer_bytes", "moved"), ("fidelity_top1", "top-1")]
+    cols = [(c, h) for c, h in cols if c in df.columns]
+    lines.append("| " + " | ".join(h for _, h in cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for _, r in df.iterrows():
+        cells = []
+        for c, _ in cols:
+            v = r.get(c)
+            if c == "label" and isinstance(r.get("baseline"), str):
+                v = f"**{r['baseline']}** (baseline)"
+            if c == "status" and r.get("status") == "ok" and not r.get("feasible"):
+                v = "ok (over memory)"
+            if c in ("peak_bytes_max", "transfer_bytes") and isinstance(v, (int, float)) and not math.isnan(v):
+                v = fmt_bytes(v)
+            elif isinstance(v, float):
+                v = "" if math.isnan(v) else f"{v:.4g}"
+            cells.append("" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(result, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import warnings
+
+    files = {}
+    study, spec = result.study, result.spec
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if completed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from optuna.visualization import matplotlib as ovm
+
+            if len(spec.objectives) == 1:
+                ax = ovm.plot_optimization_history(study)
+            else:
+                ax = ovm.plot_optimization_history(study, target=lambda t: t.values[0], target_name=spec.objectives[0])
+            ax.set_title(f"{spec.name}: optimisation history ({'measured' if spec.real else 'simulated'})")
+            fig = ax.figure
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            files["history.png"] = out / "history.png"
+            fig.savefig(files["history.png"], dpi=100)
+            plt.close(fig)
+            if len(spec.objectives) > 1:
+                ax = ovm.plot_pareto_front(study, target_names=list(spec.objectives))
+                fig = ax.figure
+                fig.set_size_inches(7, 5)
+                fig.tight_layout()
+                files["pareto.png"] = out / "pareto.png"
+                fig.savefig(files["pareto.png"], dpi=100)
+                plt.close(fig)
+    best = result.best
+    if best:
+        n = len(result.cluster.gpus)
+        names = [f"cuda:{i}" for i in range(n)]
+        weights = [best.get(f"weights_bytes.{d}", 0) / GiB for d in names]
+        acts = [best.get(f"activation_bytes.{d}", 0) / GiB for d in names]
+        caps = [result.cluster.usable_bytes(i) / GiB for i in range(n)]
+        fig, ax = plt.subplots(figsize=(1.6 * n + 5, 4))
+        ax.bar(names, weights, label="weights")
+        ax.bar(names, acts, bottom=weights, label="activations + KV cache")
+        ax.scatter(names, caps, marker="_", s=2000, color="red", label="usable capacity", zorder=3)
+        ax.set_ylabel("GiB")
+        ax.set_title(f"best plan, memory per device ({best.get('source')})")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        files["memory.png"] = out / "memory.png"
+        fig.savefig(files["memory.png"], dpi=100)
+        plt.close(fig)
+    return files
+
+
+def summary(result) -> str:
+    spec, best = result.spec, result.best
+    world = "measured on this machine" if spec.real else "simulated on a virtual cluster"
+    lines = [f"study {spec.name}: {spec.model} on {result.cluster.describe()} ({world})",
+             f"{result.new_trials} trial(s) run now, {len(result.study.trials)} in the study; {result.seconds:.1f} s"]
+    if result.interrupted:
+        lines.append("interrupted: the finished trials are kept in the study; run the same command to resume")
+    if not best:
+        lines.append("no feasible plan found")
+        return "\n".join(lines)
+    key = FIRST[spec.objectives[0]]
+    lines.append(f"best: {best.get('label')}  {layout(result.best_plan, result.profile)}  dtypes {result.best_plan.dtype_label}")
+    lines.append(f"      e2e {best['e2e_ms']:.1f} ms (prefill {best['prefill_ms']:.1f}, decode {best['decode_ms_per_token']:.2f} ms/token), "
+                 f"peak {fmt_bytes(best['peak_bytes_max'])}, moved {fmt_bytes(best['transfer_bytes'])}  [{best.get('source')}]")
+    lines.append(f"      {result.verified}")
+    for row in _ratio_rows(result):
+        if "ratio" in row and row["ratio"]:
+            lines.append(f"  vs {row['baseline']:<38} {row['ratio']:.2f}x the best's {key}")
+        else:
+            lines.append(f"  vs {row['baseline']:<38} {row['status']}: {str(row.get('cause', ''))[:110]}")
+    if result.optimum is not None and result.optimum.plan is not None:
+        gap = best["e2e_ms"] / result.optimum.e2e_ms - 1
+        lines.append(f"exact optimum of the cost model: {result.optimum.e2e_ms:.1f} ms "
+                     f"({layout(result.optimum.plan, result.profile)}, {result.optimum.plan.dtype_label}); "
+                     f"best trial is {gap:+.2%} from it")
+    if result.fp32_optimum is not None and result.fp32_optimum.plan is not None and result.best_plan.dtype_label != "fp32":
+        o = result.fp32_optimum
+        fp32_rows = [r for r in result.records if r.get("feasible") and r.get("dtypes.vision") == r.get("dtypes.lm")
+                     == r.get("dtypes.head") == "fp32"]
+        tried = f"best fp32 trial {fp32_rows[0]['e2e_ms']:.1f} ms; " if fp32_rows else ""
+        lines.append(f"in fp32 (outputs unchanged): {tried}exact fp32 optimum {o.e2e_ms:.1f} ms "
+                     f"({layout(o.plan, result.profile)}), {o.e2e_ms / best['e2e_ms']:.2f}x the best's latency")
+    return "\n".join(lines)
