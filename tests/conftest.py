@@ -51,3 +51,18 @@ def write_json(tmp_path: Path, obj, name="map.json") -> Path:
     p = tmp_path / name
     p.write_text(json.dumps(obj))
     return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _trace_cache(tmp_path_factory):
+    """Traces recorded once per test run and shared by the tests (never the user's cache)."""
+    import os
+
+    path = tmp_path_factory.mktemp("xctune-cache")
+    old = os.environ.get("XCTUNE_CACHE")
+    os.environ["XCTUNE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("XCTUNE_CACHE", None)
+    else:
+        os.environ["XCTUNE_CACHE"] = old

@@ -133,15 +133,17 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
 
 
 def _colocation(plan, profile, res) -> list[Finding]:
+    """The static rule, by where each member *executes* (an offloaded module runs on the main GPU)."""
+    main = main_location(plan.device_map)
     group = [u for u in profile.colocation if u in res.unit_devices]
     where = {u: res.unit_devices[u] for u in group}
-    devices = {d for ds in where.values() for d in ds}
-    if len(devices) <= 1:
+    runs_on = {u: {exec_location(d, main) for d in ds} for u, ds in where.items()}
+    if len(set().union(*runs_on.values())) <= 1:
         return []
     anchor = res.device_of_unit("model.tok_embeddings")
     if anchor is None or anchor in OFFLOAD_TIERS:
-        anchor = main_location(plan.device_map)
-    movers = [u for u in group if where[u] != (anchor,)]
+        anchor = main
+    movers = [u for u in group if runs_on[u] != {anchor}]
     placed = ", ".join(f"{u} on {'/'.join(dev_name(d) for d in where[u])}" for u in group)
     return [
         Finding(

@@ -365,7 +365,11 @@ class Cluster:
                 groups[-1][1] += 1
             else:
                 groups.append([gpu, 1])
-        parts = [f"{n}x {g.name} ({g.memory_bytes / GiB:.1f} GiB)" for g, n in groups]
+        def size(b: int) -> str:
+            return f"{b / GiB:.1f} GiB" if b >= GiB else f"{b / MiB:.0f} MiB"
+
+        parts = [f"{n}x {g.name} ({size(g.memory_bytes)})" if g.name != size(g.memory_bytes).replace(" ", "")
+                 else f"{n}x {g.name}" for g, n in groups]
         link = _LINK_LABELS.get(self.gpu_link.name, self.gpu_link.name)
         return f"{' + '.join(parts)}, {link}"
 
