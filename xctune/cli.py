@@ -235,6 +235,36 @@ def cmd_search(args) -> int:
     return 0 if result.best else 1
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .compare import build_report, render_markdown, write_csv
+
+    rep = build_report(args.inputs)
+    text = render_markdown(rep, args.fail_on_regression, args.include_times)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text)
+        write_csv(rep, out / "report.csv")
+    if args.json:
+        _emit_json({
+            "studies": rep.studies,
+            "changes": [{"run": r, "benchmark": c.benchmark, "figure": c.figure, "guarded": c.guarded,
+                         "before": c.before, "after": c.after, "change": c.change} for r, c in rep.changes],
+        })
+    else:
+        print(text)
+    if args.fail_on_regression is not None:
+        bad = rep.regressions(args.fail_on_regression, args.include_times)
+        if bad:
+            for label, c in bad:
+                print(f"xctune: regression in {label}: {c.benchmark} {c.figure} {c.before:.6g} -> {c.after:.6g} "
+                      f"({'n/a' if c.change == float('inf') else f'{c.change:+.1%}'})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_constraints(args) -> int:
     from .constraints import constraint_report
     from .models.loading import resolve_model
@@ -356,6 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/calibration/host.json", help="where to write the calibration (default %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "report",
+        help="compare study outputs and benchmark runs; flag regressions",
+        description="Study folders (with best_plan.json) give the best plan against its baselines; pytest-benchmark "
+        "JSON files (or folders of them) are compared, each later run against the first: median times and the "
+        "guarded figures (extra_info guards: ratios measured side by side, exact counts).",
+    )
+    p.add_argument("inputs", nargs="+", help="study folders, benchmark JSON files, or folders of benchmark JSON files")
+    p.add_argument("--fail-on-regression", type=float, metavar="PCT", help="exit 1 when a guarded figure got worse by more than PCT percent")
+    p.add_argument("--include-times", action="store_true", help="let median times fail --fail-on-regression too (stable machines only)")
+    p.add_argument("--out", help="also write report.md and report.csv here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "constraints",
