@@ -124,26 +124,23 @@ def cmd_bench(args) -> int:
 
     spec = resolve_model(args.model)
     workload = _workload(args)
+    budget = _cluster(args) if args.gpus else None
+    cluster = budget if budget or not args.real else _default_cluster(args)
+    if not args.real and cluster is None:
+        raise BadInput("--gpus is required (e.g. --gpus 2x24GiB), or --real to measure on this machine")
+    plan = _plan_from_args(args, spec.profile, cluster)
+    if args.repair:
+        plan = Plan(repair(plan.device_map, spec.profile), plan.dtypes, plan.skip_keys, plan.label)
+    if args.no_skip_kv:
+        plan = Plan(plan.device_map, plan.dtypes, (), plan.label)
     if args.real:
         from .real import HostExecutor
 
-        budget = _cluster(args) if args.gpus else None
-        plan = _plan_from_args(args, spec.profile, budget or _default_cluster(args))
-        if args.repair:
-            plan = Plan(repair(plan.device_map, spec.profile), plan.dtypes, plan.skip_keys, plan.label)
-        if args.no_skip_kv:
-            plan = Plan(plan.device_map, plan.dtypes, (), plan.label)
         _progress(args, f"measuring {plan.label or 'the map'} on this machine ({args.repeats} repeats)...")
         record = HostExecutor(spec, workload, repeats=args.repeats, warmup=args.warmup, budget=budget).run(plan)
     else:
         from .simulate import simulate
 
-        cluster = _cluster(args)
-        plan = _plan_from_args(args, spec.profile, cluster)
-        if args.repair:
-            plan = Plan(repair(plan.device_map, spec.profile), plan.dtypes, plan.skip_keys, plan.label)
-        if args.no_skip_kv:
-            plan = Plan(plan.device_map, plan.dtypes, (), plan.label)
         _progress(args, f"simulating {plan.label or 'the map'} on {cluster.describe()} (dry run on fake tensors)...")
         record = simulate(spec.profile, plan, workload, cluster, _efficiency(args), label=plan.label)
     if args.json:
@@ -197,7 +194,6 @@ def cmd_search(args) -> int:
 
     from .report import summary, write_outputs
     from .search import run_search
-    from .space import SpaceOptions
     from .study import find_default_study, load_study, with_overrides
 
     spec = load_study(args.study) if args.study else load_study(find_default_study())
@@ -210,10 +206,6 @@ def cmd_search(args) -> int:
     if args.real:
         changes["real"] = True
     spec = with_overrides(spec, **changes)
-    if args.model and args.model != spec.model:
-        pass
-    if args.model:  # a new model makes the study's baseline and space settings still apply; the workload too
-        spec = with_overrides(spec, space=SpaceOptions(**{**spec.space.__dict__}))
     quiet = args.json
     result = run_search(spec, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
     files = write_outputs(result)

@@ -248,6 +248,17 @@ class _Context:
         return ok
 
 
+def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency) -> float | None:
+    """End-to-end seconds of a plan that runs and fits, else None (the verdict a search trial gets)."""
+    try:
+        est = trace.evaluate(plan, cluster, eff)
+    except InvalidPlan:
+        return None
+    placed = trace.unit_devices(plan)
+    weights = unit_level_weights(trace.profile, placed, plan.dtypes, main_location(placed))
+    return est.e2e_s if record_from_estimate(est, plan, trace.profile, cluster, trace.workload, weights).ok else None
+
+
 def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficiency = Efficiency()) -> Optimum:
     """Every plan of the space through `Trace.evaluate` (small cases only)."""
     t0 = time.perf_counter()
@@ -262,15 +273,9 @@ def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficie
                         for h in range(n):
                             plan = space.build(list(counts), e, h, dtypes, k, tier, proj)
                             count += 1
-                            try:
-                                est = trace.evaluate(plan, cluster, eff)
-                            except InvalidPlan:
-                                continue
-                            placed = trace.unit_devices(plan)
-                            weights = unit_level_weights(trace.profile, placed, plan.dtypes, main_location(placed))
-                            rec = record_from_estimate(est, plan, trace.profile, cluster, trace.workload, weights)
-                            if rec.ok and est.e2e_s < best:
-                                best, best_plan = est.e2e_s, plan
+                            e2e = feasible_e2e(trace, plan, cluster, eff)
+                            if e2e is not None and e2e < best:
+                                best, best_plan = e2e, plan
     return Optimum(best_plan, best * 1e3, count, time.perf_counter() - t0)
 
 
@@ -315,14 +320,9 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
     scored = {}
     for dtypes, n, (kk, tier, proj), counts, e, h in candidates:
         plan = space.build(list(counts), e, h, dtypes, kk, tier, proj)
-        try:
-            est = trace.evaluate(plan, cluster, eff)
-        except InvalidPlan:
-            continue
-        placed = trace.unit_devices(plan)
-        weights = unit_level_weights(trace.profile, placed, plan.dtypes, main_location(placed))
-        if record_from_estimate(est, plan, trace.profile, cluster, trace.workload, weights).ok:
-            scored.setdefault(plan.plan_id, (est.e2e_s, plan))
+        e2e = feasible_e2e(trace, plan, cluster, eff)
+        if e2e is not None:
+            scored.setdefault(plan.plan_id, (e2e, plan))
     return [p for _, p in sorted(scored.values(), key=lambda x: x[0])[:k]]
 
 

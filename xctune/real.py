@@ -31,8 +31,8 @@ from .placement import OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_l
 from .plan import Plan, resolve
 from .check import weight_bytes
 from .profile import DTYPES, unit_of_parameter, unit_torch_dtypes
-from .record import Spread, TrialRecord, software_versions
-from .simulate import dev, failed_record
+from .record import Spread, TrialRecord
+from .simulate import dev, failed_record, record_header
 from .virtual import quiet_accelerate, virtual_run
 from .workload import Workload, generate, make_inputs
 
@@ -315,15 +315,7 @@ class HostExecutor:
             key = f"{dev(m.src)}->{dev(m.dst)}"
             links[key] = links.get(key, 0) + m.nbytes
         return TrialRecord(
-            plan_id=plan.plan_id,
-            label=label or plan.label,
-            device_map=dict(plan.device_map),
-            dtypes=dict(plan.dtypes),
-            skip_keys=tuple(plan.skip_keys),
-            model=cfg.name,
-            workload=w.to_dict(),
-            source="measured",
-            devices=devices,
+            **record_header(plan, cfg.name, w, "measured", devices, label),
             status=status,
             cause=cause,
             vision_ms=Spread.of(vision),
@@ -346,7 +338,6 @@ class HostExecutor:
             placement_ms=placement_ms,
             repeats=self.repeats,
             memory_note=note,
-            versions=software_versions(),
         )
 
 

@@ -258,20 +258,10 @@ def _plots(result, out: Path) -> dict[str, Path]:
             else:
                 ax = ovm.plot_optimization_history(study, target=lambda t: t.values[0], target_name=spec.objectives[0])
             ax.set_title(f"{spec.name}: optimisation history ({'measured' if spec.real else 'simulated'})")
-            fig = ax.figure
-            fig.set_size_inches(8, 4.5)
-            fig.tight_layout()
-            files["history.png"] = out / "history.png"
-            fig.savefig(files["history.png"], dpi=100)
-            plt.close(fig)
+            files["history.png"] = _save(ax.figure, out / "history.png", (8, 4.5))
             if len(spec.objectives) > 1:
                 ax = ovm.plot_pareto_front(study, target_names=list(spec.objectives))
-                fig = ax.figure
-                fig.set_size_inches(7, 5)
-                fig.tight_layout()
-                files["pareto.png"] = out / "pareto.png"
-                fig.savefig(files["pareto.png"], dpi=100)
-                plt.close(fig)
+                files["pareto.png"] = _save(ax.figure, out / "pareto.png", (7, 5))
     best = result.best
     if best:
         n = len(result.cluster.gpus)
@@ -286,11 +276,19 @@ def _plots(result, out: Path) -> dict[str, Path]:
         ax.set_ylabel("GiB")
         ax.set_title(f"best plan, memory per device ({best.get('source')})")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.tight_layout()
-        files["memory.png"] = out / "memory.png"
-        fig.savefig(files["memory.png"], dpi=100)
-        plt.close(fig)
+        files["memory.png"] = _save(fig, out / "memory.png")
     return files
+
+
+def _save(fig, path: Path, size=None) -> Path:
+    import matplotlib.pyplot as plt
+
+    if size:
+        fig.set_size_inches(*size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def summary(result) -> str:

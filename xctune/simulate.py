@@ -31,6 +31,22 @@ def dev(d) -> str:
     return f"cuda:{d}" if isinstance(d, int) else str(d)
 
 
+def record_header(plan: Plan, model: str, workload: Workload, source: str, devices: dict, label: str = "") -> dict:
+    """The fields every trial record starts with: what ran, where, and which world measured it."""
+    return dict(
+        plan_id=plan.plan_id,
+        label=label or plan.label,
+        device_map=dict(plan.device_map),
+        dtypes=dict(plan.dtypes),
+        skip_keys=tuple(plan.skip_keys),
+        model=model,
+        workload=workload.to_dict(),
+        source=source,
+        devices=devices,
+        versions=software_versions(),
+    )
+
+
 def record_from_estimate(
     est: Estimate,
     plan: Plan,
@@ -60,15 +76,7 @@ def record_from_estimate(
                      f"{cluster.usable_bytes(i) / 2**30:.2f} GiB usable (simulated)")
             break
     return TrialRecord(
-        plan_id=plan.plan_id,
-        label=label or plan.label,
-        device_map=dict(plan.device_map),
-        dtypes=dict(plan.dtypes),
-        skip_keys=tuple(plan.skip_keys),
-        model=profile.config.name,
-        workload=workload.to_dict(),
-        source="simulated",
-        devices={dev(i): g.name for i, g in enumerate(cluster.gpus)},
+        **record_header(plan, profile.config.name, workload, "simulated", {dev(i): g.name for i, g in enumerate(cluster.gpus)}, label),
         status=status,
         cause=cause,
         vision_ms=Spread.single(1e3 * est.phase_s["vision"]),
@@ -87,7 +95,6 @@ def record_from_estimate(
         kv_bytes={dev(k): v for k, v in est.kv_bytes.items()},
         repeats=1,
         memory_note="simulated: weights + the peak of live activations and KV cache on fake tensors",
-        versions=software_versions(),
     )
 
 
@@ -101,20 +108,7 @@ def _per_token(phase: dict, n: int) -> float:
 
 def failed_record(plan: Plan, profile: ModelProfile, workload: Workload, source: str, status: str, cause: str,
                   devices: dict, label: str = "") -> TrialRecord:
-    return TrialRecord(
-        plan_id=plan.plan_id,
-        label=label or plan.label,
-        device_map=dict(plan.device_map),
-        dtypes=dict(plan.dtypes),
-        skip_keys=tuple(plan.skip_keys),
-        model=profile.config.name,
-        workload=workload.to_dict(),
-        source=source,
-        devices=devices,
-        status=status,
-        cause=cause,
-        versions=software_versions(),
-    )
+    return TrialRecord(**record_header(plan, profile.config.name, workload, source, devices, label), status=status, cause=cause)
 
 
 def simulate(

@@ -103,26 +103,6 @@ PRESETS: dict[str, XComposerConfig] = {
         vision_heads=4,
         image_size=56,
     ),
-    # The same, HD flavour: GN parameters at the root, crops merged 2x2.
-    "tiny-hd": XComposerConfig(
-        name="tiny-hd",
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=352,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        plora_rank=16,
-        plora_rank_wqkv=4,
-        max_position_embeddings=2048,
-        vision_hidden_size=64,
-        vision_intermediate_size=128,
-        vision_layers=2,
-        vision_heads=4,
-        image_size=56,
-        hd=True,
-        hd_layout=(1, 2),
-    ),
     # internlm/internlm-xcomposer2-vl-7b: 490 px images (35x35 = 1225 tokens), 8,666,840,064 params.
     "ixc2-vl-7b": XComposerConfig(name="ixc2-vl-7b", plora_rank_wqkv=256, image_size=490, **_IXC2_LM),
     # internlm/internlm-xcomposer2-4khd-7b: 336 px crops, 2x2 merge, GN separators, rank-8 LoRA
@@ -131,6 +111,10 @@ PRESETS: dict[str, XComposerConfig] = {
         name="ixc2-4khd-7b", plora_rank_wqkv=8, image_size=336, hd=True, hd_layout=(2, 3), **_IXC2_LM
     ),
 }
+
+
+# The same, HD flavour: GN parameters at the root, crops merged 2x2, a lower wqkv LoRA rank.
+PRESETS["tiny-hd"] = replace(PRESETS["tiny"], name="tiny-hd", plora_rank_wqkv=4, hd=True, hd_layout=(1, 2))
 
 
 def get_config(name: str) -> XComposerConfig:
