@@ -116,18 +116,24 @@ class Estimate:
 
     def workload_transfers(self, new_tokens: int) -> tuple[int, int, dict]:
         """(bytes, count, bytes per link) over the whole workload: vision + prefill + every decode step."""
+        by_phase = self.transfers_by_phase(new_tokens)
+        links: dict = defaultdict(int)
+        for (_, src, dst), (n, _) in by_phase.items():
+            links[(src, dst)] += n
+        return sum(n for n, _ in by_phase.values()), sum(c for _, c in by_phase.values()), dict(links)
+
+    def transfers_by_phase(self, new_tokens: int) -> dict[tuple, tuple[int, int]]:
+        """(phase, src, dst) -> (bytes, count) over the workload; "decode" sums every decode step."""
         steps = max(new_tokens - 1, 0)
-        total, count, links = 0, 0, defaultdict(int)
-        per_step = _decode_mean([m for m in self.moves if m[0] in DECODE_PHASES])
+        out: dict = defaultdict(lambda: [0, 0])
         for phase, src, dst, n, kind in self.moves:
             if phase in ("vision", "prefill"):
-                total, count = total + n, count + 1
-                links[(src, dst)] += n
-        for (src, dst), (n, c) in per_step.items():
-            total += round(n * steps)
-            count += round(c * steps)
-            links[(src, dst)] += round(n * steps)
-        return total, count, dict(links)
+                out[(phase, src, dst)][0] += n
+                out[(phase, src, dst)][1] += 1
+        for (src, dst), (n, c) in _decode_mean([m for m in self.moves if m[0] in DECODE_PHASES]).items():
+            out[("decode", src, dst)][0] += round(n * steps)
+            out[("decode", src, dst)][1] += round(c * steps)
+        return {k: (v[0], v[1]) for k, v in out.items() if v[1]}
 
 
 def _decode_mean(moves) -> dict:

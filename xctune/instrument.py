@@ -74,6 +74,7 @@ class Tracker:
         self.move_dst: Location | None = None  # where an emulated move's copy lands
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.listeners: list = []  # objects with enter(unit) / exit(unit), e.g. the OpRecorder
+        self.timer = MoveTimer()  # enabled by the real executor on GPUs
 
     # --- where things are -------------------------------------------------------------------
     def location(self, t: torch.Tensor) -> Location:
@@ -160,16 +161,81 @@ class MoveCounter(ModelHook):
             first = _first_tensor((args, kwargs))
             self._input_loc.append(tr.location(first) if first is not None else tr.main)
         tr.enter(self.unit, self.loc)
+        before = len(tr.moves)
         # accelerate moves positional args whole and honours skip_keys only on keyword args
         args = tr.carry(args, self.loc, None, kind="input", unit=self.unit)
         kwargs = tr.carry(kwargs, self.loc, self.skip_keys, kind="input", unit=self.unit)
+        tr.timer.start(len(tr.moves) > before)
         return args, kwargs
 
     def post_forward(self, module, output):
         tr = self.tracker
+        if tr.collapsed and not self.is_root:
+            # a unit's results live on its device (the OpRecorder tags them op by op; this covers
+            # runs without it, such as timed repeats)
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, torch.Tensor) and t not in tr._tags:
+                    tr.tag(t, self.loc)
         if self.is_root:
+            before = len(tr.moves)
             output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="output", unit=self.unit)
+            tr.timer.start(len(tr.moves) > before)
         tr.exit(self.unit)
+        return output
+
+
+class MoveTimer:
+    """Times the moves accelerate makes, where devices are real GPUs (CUDA events).
+
+    A MoveCounter starts a timing when the call has something to move; `MoveTimerEnd`, placed
+    after accelerate's hook, ends it once the moves are done. Off (a no-op) unless enabled.
+    """
+
+    def __init__(self, event_factory=None):
+        self.event_factory = event_factory  # e.g. lambda: torch.cuda.Event(enable_timing=True)
+        self.pending: list = []
+        self.done: list[tuple[str, object, object]] = []
+        self.phase = ""
+
+    def start(self, moved: bool) -> None:
+        if self.event_factory is None:
+            return
+        event = None
+        if moved:
+            event = self.event_factory()
+            event.record()
+        self.pending.append(event)
+
+    def end(self, phase: str) -> None:
+        if self.event_factory is None or not self.pending:
+            return
+        start = self.pending.pop()
+        if start is not None:
+            end = self.event_factory()
+            end.record()
+            self.done.append((phase, start, end))
+
+    def milliseconds(self) -> dict[str, float]:
+        """Per phase; call after the device is synchronised."""
+        out: dict[str, float] = defaultdict(float)
+        for phase, start, end in self.done:
+            out[phase] += start.elapsed_time(end)
+        return dict(out)
+
+
+class MoveTimerEnd(ModelHook):
+    """Runs after accelerate's hook: the moves it made (inputs, or the root's outputs) are done."""
+
+    def __init__(self, tracker: Tracker, is_root: bool):
+        self.tracker, self.is_root = tracker, is_root
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.tracker.timer.end(self.tracker.phase)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.is_root:
+            self.tracker.timer.end(self.tracker.phase)
         return output
 
 

@@ -27,7 +27,7 @@ from accelerate.hooks import ModelHook, SequentialHook, remove_hook_from_submodu
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import vdevice
-from .instrument import ROOT, Location, MoveCounter, StreamCounter, Tracker
+from .instrument import ROOT, Location, MoveCounter, MoveTimerEnd, StreamCounter, Tracker
 
 OFFLOAD_TIERS = ("cpu", "disk")
 
@@ -214,9 +214,11 @@ def _install_counters(model, device_map, tracker, locs, skip_keys, unit_dtypes) 
                 hook = getattr(sub, "_hf_hook", None)
                 if hook is not None and getattr(hook, "offload", False):
                     _prepend(sub, StreamCounter(tracker, key, dev, hook))
+        _append(module, MoveTimerEnd(tracker, is_root=False))
         if unit_dtypes and key in unit_dtypes:
             _append(module, CastInputs(unit_dtypes[key]))
         _prepend(module, MoveCounter(tracker, key, locs[key], skip))
+    _append(model, MoveTimerEnd(tracker, is_root=True))
     _prepend(model, MoveCounter(tracker, ROOT, tracker.main, skip))
 
 

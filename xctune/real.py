@@ -24,7 +24,7 @@ import torch
 
 from .errors import BadInput
 from .hardware import Cluster
-from .instrument import FusedAttention, OpRecorder
+from .instrument import FusedAttention, MoveTimer, OpRecorder
 from .models import XComposer
 from .models.loading import ModelSpec
 from .placement import OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
@@ -240,10 +240,17 @@ class HostExecutor:
         inputs = make_inputs(cfg, w, placed.physical_main)
         cuda = placed.physical_main.startswith("cuda") and not collapsed
 
-        # 1. the instrumented run: moves, live memory, and the joins a GPU would refuse
+        # 1. the instrumented run: moves (timed with CUDA events on real GPUs), live memory, and
+        #    the joins a GPU would refuse
         rec = OpRecorder(tracker, parameters=list(model.named_parameters()))
+        if cuda:
+            tracker.timer = MoveTimer(lambda: torch.cuda.Event(enable_timing=True))
         with rec, FusedAttention(rec):
             generate(model, inputs, w.new_tokens, Clock(False, tracker), w.hd_layout)
+        if cuda:
+            torch.cuda.synchronize()
+        transfer_ms = sum(tracker.timer.milliseconds().values()) if cuda else None
+        tracker.timer = MoveTimer()
         for op, locs, _ in rec.joins:
             if len({loc for loc in locs}) > 1:
                 names = " and ".join(dev(x) for x in locs)
@@ -306,6 +313,8 @@ class HostExecutor:
                                             f"{self.budget.usable_bytes(i) / 2**20:.1f} MiB")
                     break
         links: dict[str, int] = {}
+        by_phase: dict[str, int] = {}
+        count_by_phase: dict[str, int] = {}
         total = count = streamed = 0
         for m in moves:
             if m.kind == "weights":
@@ -314,6 +323,9 @@ class HostExecutor:
             count += 1
             key = f"{dev(m.src)}->{dev(m.dst)}"
             links[key] = links.get(key, 0) + m.nbytes
+            pkey = f"{m.phase} {key}"
+            by_phase[pkey] = by_phase.get(pkey, 0) + m.nbytes
+            count_by_phase[pkey] = count_by_phase.get(pkey, 0) + 1
         return TrialRecord(
             **record_header(plan, cfg.name, w, "measured", devices, label),
             status=status,
@@ -325,7 +337,9 @@ class HostExecutor:
             transfer_bytes=total,
             transfer_count=count,
             transfer_by_link=links,
-            transfer_ms=None,  # logical devices share one device here; on real GPUs the link time is in the phases
+            transfer_by_phase=by_phase,
+            transfer_count_by_phase=count_by_phase,
+            transfer_ms=transfer_ms,  # CUDA events around accelerate's moves; None for logical devices
             streamed_weight_bytes=streamed,
             peak_bytes=peak,
             peak_bytes_max=max(peak.values(), default=0),

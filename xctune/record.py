@@ -83,6 +83,8 @@ class TrialRecord:
     transfer_bytes: int = 0  # over the whole workload (vision + prefill + every decode step)
     transfer_count: int = 0
     transfer_by_link: dict = field(default_factory=dict)  # "cuda:0->cuda:1" -> bytes
+    transfer_by_phase: dict = field(default_factory=dict)  # "prefill cuda:0->cuda:1" -> bytes (decode: all steps)
+    transfer_count_by_phase: dict = field(default_factory=dict)  # the same keys -> number of moves
     transfer_ms: float | None = None  # time spent in transfers (simulated; measured on CUDA)
     streamed_weight_bytes: int = 0  # offloaded weights moved to the GPU over the workload
     peak_bytes: dict = field(default_factory=dict)  # device -> peak bytes (weights + activations + KV)
@@ -146,8 +148,8 @@ class TrialRecord:
                 lines.append(fmt(name, s))
         lines.append(f"  transfers              {fmt_bytes(self.transfer_bytes):>13} in {self.transfer_count} moves"
                      + (f", {self.transfer_ms:.2f} ms" if self.transfer_ms is not None else ""))
-        for link, b in self.transfer_by_link.items():
-            lines.append(f"    {link:<20} {fmt_bytes(b):>13}")
+        for key, b in self.transfer_by_phase.items():
+            lines.append(f"    {key:<28} {fmt_bytes(b):>13} in {self.transfer_count_by_phase.get(key, 0)} moves")
         if self.streamed_weight_bytes:
             lines.append(f"  offloaded weights streamed {fmt_bytes(self.streamed_weight_bytes)} (included above)")
         for d, b in self.peak_bytes.items():

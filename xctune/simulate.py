@@ -60,6 +60,7 @@ def record_from_estimate(
     """A simulated trial record; `oom` where weights + activations exceed a GPU's usable memory."""
     n = workload.new_tokens
     total, count, links = est.workload_transfers(n)
+    by_phase = est.transfers_by_phase(n)
     streamed = sum(m[3] for m in est.moves if m[4] == "weights" and m[0] in ("vision", "prefill"))
     streamed += round(sum(m[3] for m in est.moves if m[4] == "weights" and m[0] in ("decode", "decode_last"))
                       / max(1, len({m[0] for m in est.moves if m[0] in ("decode", "decode_last")})) * max(n - 1, 0))
@@ -86,6 +87,8 @@ def record_from_estimate(
         transfer_bytes=total,
         transfer_count=count,
         transfer_by_link={f"{dev(s)}->{dev(d)}": b for (s, d), b in sorted(links.items(), key=str)},
+        transfer_by_phase={f"{p} {dev(s)}->{dev(d)}": v[0] for (p, s, d), v in by_phase.items()},
+        transfer_count_by_phase={f"{p} {dev(s)}->{dev(d)}": v[1] for (p, s, d), v in by_phase.items()},
         transfer_ms=transfer_ms,
         streamed_weight_bytes=streamed,
         peak_bytes=peak,
