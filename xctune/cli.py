@@ -17,11 +17,17 @@ import warnings
 from .errors import BadInput
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser, default: str | None = "ixc2-vl-7b") -> None:
     p.add_argument(
         "--model",
-        default="ixc2-vl-7b",
-        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b) or a checkpoint directory (default: %(default)s)",
+        default=default,
+        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b) or a checkpoint directory"
+        + (" (default: %(default)s)" if default else ""),
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint's own code (and pickled *.bin weights) to run when loading it: code execution, never implicit",
     )
 
 
@@ -106,7 +112,7 @@ def cmd_check(args) -> int:
     from .check import check
     from .models.loading import resolve_model
 
-    spec = resolve_model(args.model)
+    spec = resolve_model(args.model, args.trust_remote_code)
     cluster = _cluster(args)
     plan = _plan_from_args(args, spec.profile, cluster)
     report = check(plan, spec.profile, cluster, _workload(args))
@@ -122,7 +128,7 @@ def cmd_bench(args) -> int:
     from .models.loading import resolve_model
     from .plan import Plan
 
-    spec = resolve_model(args.model)
+    spec = resolve_model(args.model, args.trust_remote_code)
     workload = _workload(args)
     budget = _cluster(args) if args.gpus else None
     cluster = budget if budget or not args.real else _default_cluster(args)
@@ -177,7 +183,7 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .models.loading import resolve_model
 
-    spec = resolve_model(args.model)
+    spec = resolve_model(args.model, args.trust_remote_code)
     cal = calibrate(spec, repeats=args.repeats, progress=None if args.json else lambda m: print(m, file=sys.stderr))
     out = Path(args.out)
     cal.save(out)
@@ -205,6 +211,8 @@ def cmd_search(args) -> int:
         changes["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     if args.real:
         changes["real"] = True
+    if args.trust_remote_code:
+        changes["trust_remote_code"] = True
     spec = with_overrides(spec, **changes)
     quiet = args.json
     result = run_search(spec, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
@@ -261,7 +269,7 @@ def cmd_constraints(args) -> int:
     from .constraints import constraint_report
     from .models.loading import resolve_model
 
-    spec = resolve_model(args.model)
+    spec = resolve_model(args.model, args.trust_remote_code)
     rep = constraint_report(spec.profile)
     if args.json:
         _emit_json(rep.to_dict())
@@ -334,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--study", help="study TOML file (default: studies/default.toml)")
     p.add_argument("--trials", type=int, help="sampled trials to add (baselines come on top)")
-    p.add_argument("--model", help="override the study's model")
+    _add_model(p, default=None)
     p.add_argument("--gpus", help="override the study's cluster (with --real: memory budgets of logical devices)")
     p.add_argument("--real", action="store_true", help="measure every trial on this machine")
     p.add_argument("--objectives", help="comma-separated: latency (e2e ms), peak_mem (bytes), transfer (bytes)")
@@ -373,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit the cost model to this machine and report its prediction error per phase",
     )
-    p.add_argument("--model", default="tiny", help="a small model to measure (default: %(default)s)")
+    _add_model(p, default="tiny")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per workload (default %(default)s)")
     p.add_argument("--out", default="results/calibration/host.json", help="where to write the calibration (default %(default)s)")
     p.add_argument("--json", action="store_true")

@@ -191,7 +191,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     t0 = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    model_spec = resolve_model(spec.model)
+    model_spec = resolve_model(spec.model, spec.trust_remote_code)
     profile = model_spec.profile
     spec.workload.check_fits(profile.config)
     cluster = build_cluster(spec)

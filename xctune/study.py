@@ -56,6 +56,7 @@ class StudySpec:
     seed_plans: int = 3  # real studies: enqueue the virtual world's best few plans
     calibration: str | None = None
     storage: str | None = None
+    trust_remote_code: bool = False  # command line only: a study file never grants it
     out: str | None = None  # default results/<name>
     source: str = ""  # the study file
 

@@ -28,6 +28,7 @@ class ModelSpec:
     source: str  # what the user named
     config: XComposerConfig
     checkpoint: Path | None = None
+    trust_remote_code: bool = False  # the user allowed the checkpoint's own code (and pickles) to run
 
     @property
     def profile(self):
@@ -39,16 +40,16 @@ class ModelSpec:
         """Real weights on the CPU in fp32: from the checkpoint, else seeded random."""
         if self.checkpoint is None:
             return init_weights(XComposer(self.config), seed=seed).eval()
-        return load_checkpoint(self.checkpoint, self.config)
+        return load_checkpoint(self.checkpoint, self.config, self.trust_remote_code)
 
 
-def resolve_model(spec: str) -> ModelSpec:
+def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelSpec:
     if spec in PRESETS:
         return ModelSpec(spec, PRESETS[spec])
     path = Path(spec)
     if not path.is_dir():
         raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
-    return ModelSpec(spec, config_from_dir(path), path)
+    return ModelSpec(spec, config_from_dir(path), path, trust_remote_code)
 
 
 def config_from_dir(path: Path) -> XComposerConfig:
@@ -119,15 +120,30 @@ def save_checkpoint(model: XComposer, path: Path) -> None:
     save_file(state, str(path / "model.safetensors"))
 
 
-def load_checkpoint(path: Path, config: XComposerConfig) -> XComposer:
+def load_checkpoint(path: Path, config: XComposerConfig, trust_remote_code: bool = False) -> XComposer:
+    """The checkpoint's weights in our tree. safetensors are read directly (data only); anything
+    else (pickled `*.bin` shards, custom formats) goes through the checkpoint's own code, which
+    runs only with `trust_remote_code`."""
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+    elif list(path.glob("*.bin")):
+        if not trust_remote_code:
+            raise BadInput(
+                f"{path} holds pickled *.bin weights: loading them runs code; pass --trust-remote-code to allow it"
+            )
+        try:
+            state = load_remote(str(path), trust_remote_code=True, torch_dtype=torch.float32).state_dict()
+        except BadInput:
+            raise
+        except Exception as e:  # their code, their error: one line
+            raise BadInput(f"could not load {path} with its own code: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    else:
         raise BadInput(f"{path} holds no *.safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
     with torch.device("meta"):
         model = XComposer(config)
     expected = set(model.state_dict())
