@@ -47,28 +47,3 @@ def virtual_model(profile: ModelProfile, plan: Plan, mode) -> XComposer:
 def host_model(config: XComposerConfig, seed: int = 0) -> XComposer:
     """Real random weights on the CPU, fp32: the master copy trials are cast and placed from."""
     return init_weights(XComposer(config), seed=seed).eval()
-
-
-def place_copy(master: XComposer, plan: Plan, profile: ModelProfile) -> XComposer:
-    """A fresh model for one trial: the master's weights, each unit cast to its plan dtype.
-
-    Units whose dtype equals the master's share its storage (no copy); others are cast copies.
-    Nothing is read from disk again.
-    """
-    with torch.device("meta"):
-        model = XComposer(profile.config)
-    state = {}
-    for name, tensor in master.state_dict(keep_vars=True).items():
-        dtype = DTYPES[plan.dtypes[profile.group_of(unit_of_parameter(name))]]
-        state[name] = tensor.detach() if tensor.dtype == dtype else tensor.detach().to(dtype)
-    model.load_state_dict(state, assign=True, strict=True)
-    for mod_name, module in master.named_modules():
-        for b_name, buf in module._buffers.items():  # non-persistent buffers (rotary tables)
-            if buf is None or f"{mod_name}.{b_name}".lstrip(".") in state:
-                continue
-            if buf.is_floating_point():
-                buf = buf.to(DTYPES[plan.dtypes[profile.group_of(unit_of_parameter(mod_name))]])
-            model.get_submodule(mod_name)._buffers[b_name] = buf
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()

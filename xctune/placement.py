@@ -146,9 +146,6 @@ class Placed:
     physical_main: str
     offload_dir: str | None = None
 
-    def input_device(self) -> str:
-        return self.physical_main
-
 
 def dispatch(
     model: torch.nn.Module,

@@ -167,6 +167,3 @@ class TrialRecord:
         return json.dumps(self.to_dict(), default=str)
 
 
-def record_fields() -> list[str]:
-    return [f.name for f in fields(TrialRecord)]
-

@@ -135,11 +135,19 @@ def load_study(path) -> StudySpec:
             repeats=int(real.get("repeats", 3)),
             fidelity_floor=real.get("fidelity_floor"),
             seed_plans=int(real.get("seed_plans", 3)),
-            calibration=real.get("calibration"),
+            calibration=_relative_to(path, real.get("calibration")),
             source=str(path),
         )
     except TypeError as e:
         raise BadInput(f"{where}: {e}") from None
+
+
+def _relative_to(study: Path, value: str | None) -> str | None:
+    """Paths in a study file are relative to the file, so a study runs from any directory."""
+    if value is None:
+        return None
+    p = Path(value)
+    return str(p if p.is_absolute() else (study.parent / p).resolve())
 
 
 def find_default_study() -> Path:
