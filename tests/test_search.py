@@ -219,3 +219,13 @@ def test_bad_study_files(tmp_path):
     p.write_text("[space]\ndtypes = ['fp8']\n")
     with pytest.raises(Exception, match="unknown dtype"):
         load_study(p)
+
+
+def test_resuming_refuses_a_different_model_or_cluster(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["search", "--model", "tiny", "--gpus", "2x1GiB", "--trials", "2", "--out", out, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--model", "tiny", "--gpus", "3x1GiB", "--trials", "2", "--out", out, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "another cluster" in err and "--study-name" in err
+    assert main(["search", "--model", "tiny", "--gpus", "2x1GiB", "--trials", "2", "--out", out, "--json"]) == 0

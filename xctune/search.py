@@ -15,6 +15,7 @@ running the same study again resumes it, and an interruption keeps every finishe
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -218,6 +219,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     else:
         evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache)
     study = open_study(spec)
+    _check_identity(study, spec, cluster)
     result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
@@ -273,6 +275,34 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
             log(f"no exact optimum: {e}")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def study_identity(spec: StudySpec, cluster: Cluster) -> dict:
+    """What makes trials of one study comparable: resuming must not mix models, clusters or workloads."""
+    return {
+        "model": spec.model,
+        "cluster": cluster.describe(),
+        "headroom": cluster.headroom,
+        "workload": spec.workload.to_dict(),
+        "space": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.space.__dict__.items()},
+        "real": spec.real,
+        "objectives": list(spec.objectives),
+    }
+
+
+def _check_identity(study: optuna.Study, spec: StudySpec, cluster: Cluster) -> None:
+    mine = json.loads(json.dumps(study_identity(spec, cluster)))
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", mine)
+        return
+    diff = [k for k in mine if stored.get(k) != mine[k]]
+    if diff:
+        k = diff[0]
+        raise BadInput(
+            f"study {spec.name!r} in {spec.storage_url} was run with another {k} ({stored.get(k)} vs {mine[k]}); "
+            f"use --study-name or --out for a new study"
+        )
 
 
 def _progress_lines(total: int, log):
