@@ -311,6 +311,12 @@ def summary(result) -> str:
             lines.append(f"  vs {row['baseline']:<38} {row['ratio']:.2f}x the best's {key}")
         else:
             lines.append(f"  vs {row['baseline']:<38} {row['status']}: {str(row.get('cause', ''))[:110]}")
+    if len(spec.objectives) > 1:
+        front = sorted((r for r in result.records if r.get("pareto") and r.get("feasible")), key=lambda r: r.get("e2e_ms", 0))
+        lines.append(f"Pareto front ({', '.join(spec.objectives)}): {len(front)} feasible trial(s)")
+        for r in front[:6]:
+            values = ", ".join(f"{o} {fmt_bytes(r[FIRST[o]]) if o != 'latency' else f'{r[FIRST[o]]:.1f} ms'}" for o in spec.objectives)
+            lines.append(f"  {r.get('label'):<12} {values}  {layout(Plan.from_dict(r['_plan']), result.profile)}")
     if result.optimum is not None and result.optimum.plan is not None:
         gap = best["e2e_ms"] / result.optimum.e2e_ms - 1
         lines.append(f"exact optimum of the cost model: {result.optimum.e2e_ms:.1f} ms "
