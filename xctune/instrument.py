@@ -86,6 +86,9 @@ class Tracker:
         if self.collapsed:
             self._tags[t] = loc
 
+    def is_tagged(self, t: torch.Tensor) -> bool:
+        return t in self._tags
+
     @property
     def current(self) -> tuple[str, Location]:
         return self.stack[-1] if self.stack else (ROOT, self.main)
@@ -174,7 +177,7 @@ class MoveCounter(ModelHook):
             # a unit's results live on its device (the OpRecorder tags them op by op; this covers
             # runs without it, such as timed repeats)
             for t in tree_flatten(output)[0]:
-                if isinstance(t, torch.Tensor) and t not in tr._tags:
+                if isinstance(t, torch.Tensor) and not tr.is_tagged(t):
                     tr.tag(t, self.loc)
         if self.is_root:
             before = len(tr.moves)

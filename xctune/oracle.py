@@ -53,7 +53,7 @@ class Oracle:
         self.trace, self.space, self.cluster, self.eff = trace, space, cluster, eff
         self.profile = trace.profile
         self.L = len(self.profile.layers)
-        self.layer_hidx = np.array([trace._hidx[u] for u in self.profile.layers])
+        self.layer_hidx = np.array([trace.holder_index[u] for u in self.profile.layers])
         self.w = phase_weights(trace.workload.new_tokens)
 
     def dtype_choices(self):
@@ -110,7 +110,7 @@ class _Context:
         for d in range(self.n_dev):
             gpu = oracle.cluster.gpus[d]
             for i in range(len(calls)):
-                self.S[i, d] = self.wc[i] * tr._call_seconds(probe, i, gpu, holder_dtype[rec.holder[i]], oracle.eff)
+                self.S[i, d] = self.wc[i] * tr.call_seconds(probe, i, gpu, holder_dtype[rec.holder[i]], oracle.eff)
         self.layer_of_holder = {int(h): i for i, h in enumerate(oracle.layer_hidx)}
         self.call_layer = np.array([self.layer_of_holder.get(int(h), -1) for h in rec.holder])
         self.unit_w = {u.name: (u.param_bytes(dtypes[u.group]), u.buffer_bytes(dtypes[u.group])) for u in prof.units}
@@ -121,9 +121,9 @@ class _Context:
         """Devices of the holders that do not depend on the layer runs; -1 for GPU layers."""
         tr, prof = self.o.trace, self.o.profile
         dev = np.full(len(tr.holders), -1)
-        dev[tr._hidx[MAIN]] = m
+        dev[tr.holder_index[MAIN]] = m
         for u in prof.units:
-            i = tr._hidx[u.name]
+            i = tr.holder_index[u.name]
             if u.is_parameter:
                 dev[i] = m
             elif u.name in ("vit", "model.tok_embeddings"):
@@ -140,12 +140,12 @@ class _Context:
         o, rec, L = self.o, self.rec, self.o.L
         dev = self.holder_devices(m, e, h, k, tier, proj)
         for _, locs, _ in rec.run.joins:  # the co-location rule, as the trace saw it
-            if len({int(dev[o.trace._hidx[x]]) for x in locs}) > 1:
+            if len({int(dev[o.trace.holder_index[x]]) for x in locs}) > 1:
                 return math.inf, None
         fixed = dev >= 0
         offloaded = np.zeros(len(dev), dtype=bool)
         if proj != "gpu":
-            offloaded[o.trace._hidx["vision_proj"]] = True
+            offloaded[o.trace.holder_index["vision_proj"]] = True
         offloaded[o.layer_hidx[:k]] = True
 
         # compute: fixed holders are constant, GPU layers cost per (layer, device)
@@ -233,11 +233,11 @@ class _Context:
         w_fixed = 0
         prof = o.profile
         for u in prof.units:
-            hd = dev[o.trace._hidx[u.name]]
+            hd = dev[o.trace.holder_index[u.name]]
             if hd < 0:
                 continue
             p, b = self.unit_w[u.name]
-            param_here = (hd == i) and not offloaded[o.trace._hidx[u.name]]
+            param_here = (hd == i) and not offloaded[o.trace.holder_index[u.name]]
             w_fixed += (p if param_here else 0) + (b if hd == i else 0)
         layer_w = np.array([sum(self.unit_w[u]) for u in prof.layers], dtype=np.float64)
         cum_w = np.concatenate([[0.0], np.cumsum(layer_w)])

@@ -76,7 +76,7 @@ class Trace:
         self.cache_dir = cache_dir
         self.units = [u.name for u in profile.units]
         self.holders = [MAIN, *self.units]
-        self._hidx = {h: i for i, h in enumerate(self.holders)}
+        self.holder_index = {h: i for i, h in enumerate(self.holders)}
         self.not_offloadable = not_offloadable
         self._recordings: dict[tuple, _Recording] = {}
         self._price_cache: dict[tuple, np.ndarray] = {}
@@ -134,23 +134,23 @@ class Trace:
         transient = np.zeros(len(calls))
         for i, c in enumerate(calls):
             for h, n in c.live_at_entry.items():
-                live[i, self._hidx[h]] = n
+                live[i, self.holder_index[h]] = n
             transient[i] = c.peak_inside - c.live_at_entry.get(c.loc, 0)
         moves = [m for m in run.moves if m.phase != "setup"]
         kv = np.zeros(len(self.holders))
         for h, n in run.kv_bytes.items():
-            kv[self._hidx[h]] = n
+            kv[self.holder_index[h]] = n
         run.calls, run.moves = calls, moves
         return _Recording(
             run,
             [OpTable.of(c) for c in calls],
-            np.array([self._hidx[c.loc] for c in calls], dtype=int),
+            np.array([self.holder_index[c.loc] for c in calls], dtype=int),
             live,
             transient,
             np.array([sum(c.weight_chunks) for c in calls], dtype=np.float64),
             np.array([max(c.weight_chunks, default=0) for c in calls], dtype=np.float64),
-            np.array([self._hidx[m.src] for m in moves], dtype=int),
-            np.array([self._hidx[m.dst] for m in moves], dtype=int),
+            np.array([self.holder_index[m.src] for m in moves], dtype=int),
+            np.array([self.holder_index[m.dst] for m in moves], dtype=int),
             np.array([m.nbytes for m in moves], dtype=np.int64),
             kv,
         )
@@ -191,9 +191,9 @@ class Trace:
         tier = [None] + [placed[u] if placed[u] in OFFLOAD_TIERS else None for u in self.units]
         rec = self.recording(plan)
         for op, locs, _ in rec.run.joins:
-            devs = {int(exec_dev[self._hidx[x]]) for x in locs}
+            devs = {int(exec_dev[self.holder_index[x]]) for x in locs}
             if len(devs) > 1:
-                names = ", ".join(f"{x} on cuda:{exec_dev[self._hidx[x]]}" for x in locs)
+                names = ", ".join(f"{x} on cuda:{exec_dev[self.holder_index[x]]}" for x in locs)
                 raise InvalidPlan(
                     "device-mismatch",
                     f"Expected all tensors to be on the same device (top-level {op} joins {names})",
@@ -205,7 +205,7 @@ class Trace:
         dtype_of = [plan.dtypes["lm"]] + [plan.dtypes[self.profile.group_of(u)] for u in self.units]
         phase_compute: dict[str, float] = {}
         for i, c in enumerate(calls):
-            secs = self._call_seconds(plan, i, cluster.gpus[call_dev[i]], dtype_of[rec.holder[i]], eff)
+            secs = self.call_seconds(plan, i, cluster.gpus[call_dev[i]], dtype_of[rec.holder[i]], eff)
             phase_compute[c.phase] = phase_compute.get(c.phase, 0.0) + secs
 
         # moves: logged crossings whose two ends sit on different devices, plus offload streams
@@ -231,7 +231,8 @@ class Trace:
         est.kv_bytes = {d: int(kv[d]) for d in range(n_dev) if kv[d] > 0}
         return est
 
-    def _call_seconds(self, plan: Plan, i: int, gpu, dtype: str, eff: Efficiency) -> float:
+    def call_seconds(self, plan: Plan, i: int, gpu, dtype: str, eff: Efficiency) -> float:
+        """Seconds of call `i` of the plan's recording on `gpu` in `dtype` (cached per GPU kind and dtype)."""
         rec = self.recording(plan)
         key = (id(rec), gpu, dtype, eff)
         vec = self._price_cache.get(key)
