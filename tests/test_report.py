@@ -6,7 +6,7 @@ import json
 from conftest import ROOT
 from xctune.cli import main
 
-BASELINE = ROOT / "results" / "benchmarks" / "baseline.json"
+BASELINE = ROOT / "results/benchmarks/storage/Linux-CPython-3.11-64bit/0001_baseline.json"
 
 
 def _variant(tmp_path, name, change):
