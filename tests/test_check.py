@@ -1,7 +1,5 @@
 """`check`: every error and warning class, the dry run as judge, and the field maps' verdicts."""
 
-import pytest
-
 from conftest import field_map, two_gpu_map
 from xctune.baselines import accelerate_map, authors_map, repair
 from xctune.check import check

@@ -1,18 +1,16 @@
 """The search: valid by construction, near the exact optimum, resumable, and its outputs."""
 
 import json
-import random
-from dataclasses import replace
 
 import optuna
 import pytest
 
 from conftest import ROOT
-from xctune.check import check, static_findings
+from xctune.check import static_findings
 from xctune.cli import main
 from xctune.hardware import make_cluster
 from xctune.oracle import Oracle, brute_force
-from xctune.plan import Plan, load_plan, resolve
+from xctune.plan import resolve
 from xctune.profile import profile_of
 from xctune.search import run_search
 from xctune.space import SearchSpace, SpaceOptions, split_layers

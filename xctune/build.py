@@ -7,11 +7,9 @@ from torch import nn
 
 from . import vdevice
 from .models import XComposer, XComposerConfig, init_weights
+from .placement import OFFLOAD_TIERS
 from .plan import Plan, resolve
 from .profile import DTYPES, ModelProfile, unit_of_parameter
-
-OFFLOAD = ("cpu", "disk")
-
 
 def cast_units(model: nn.Module, plan: Plan, profile: ModelProfile) -> nn.Module:
     """Give each unit its group's dtype (on `meta` this costs nothing)."""
@@ -39,7 +37,7 @@ def virtual_model(profile: ModelProfile, plan: Plan, mode) -> XComposer:
         if dev is None:  # a buffer: it sits with its unit's parameters
             unit = buffer_units.get(name, name)
             dev = next((d for p, d in res.param_device.items() if unit_of_parameter(p) == unit), 0)
-        return torch.device("cpu") if dev in OFFLOAD else vdevice.virtual(dev)
+        return torch.device("cpu") if dev in OFFLOAD_TIERS else vdevice.virtual(dev)
 
     return vdevice.materialize(model, device_of, mode)
 

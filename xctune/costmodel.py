@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import BadInput
 from .hardware import Cluster, GPUSpec
-from .instrument import Move, UnitCall
+from .instrument import UnitCall
 
 DECODE_PHASES = ("decode", "decode_last")
 
@@ -106,13 +106,6 @@ class Estimate:
     moves: list[tuple[str, object, object, int, str]] = field(default_factory=list)  # (phase, src, dst, bytes, kind)
     peak_bytes: dict = field(default_factory=dict)  # device -> activations + KV at peak
     kv_bytes: dict = field(default_factory=dict)
-
-    def bytes_by_link(self, phases=("vision", "prefill", "decode")) -> dict[tuple, int]:
-        out: dict[tuple, int] = defaultdict(int)
-        for phase, src, dst, n, kind in self.moves:
-            if phase in phases:
-                out[(src, dst)] += n
-        return dict(out)
 
     def workload_transfers(self, new_tokens: int) -> tuple[int, int, dict]:
         """(bytes, count, bytes per link) over the whole workload: vision + prefill + every decode step."""

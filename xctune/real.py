@@ -189,7 +189,6 @@ class HostExecutor:
                 return failed_record(plan, self.profile, self.workload, "measured", "invalid",
                                      f"{dry.failure.describe()} (dry run on virtual GPUs)", devices, label)
         ref_tokens, ref_logits = self.reference()
-        placed = None
         try:
             with quiet_accelerate():
                 return self._place_and_measure(plan, collapsed, devices, ref_tokens, ref_logits, label)
@@ -228,8 +227,7 @@ class HostExecutor:
         out = {}
         for d in plan.gpus:
             if collapsed:
-                phys = "cuda:0" if self.world.n_cuda else "cpu"
-                out[dev(d)] = f"{phys} (logical)"
+                out[dev(d)] = f"{self.world.physical(d, collapsed)} (logical)"
             else:
                 out[dev(d)] = torch.cuda.get_device_name(d)
         return out

@@ -18,7 +18,6 @@ import optuna
 
 from .hardware import GiB
 from .plan import Plan, write_device_map
-from .profile import LAYER_PREFIX
 from .record import fmt_bytes
 
 FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes"}
@@ -142,7 +141,7 @@ if hook is not None:  # the root hook sends outputs back to the first GPU: not t
 
 
 def write_outputs(result) -> dict[str, Path]:
-    spec, out = result.spec, result.spec.out_dir
+    out = result.spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     rows = result.records

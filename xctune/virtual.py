@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +25,6 @@ from .placement import VirtualWorld, dispatch, fake_friendly_accelerate
 from .plan import Plan
 from .profile import ModelProfile, unit_torch_dtypes
 from .workload import Workload, extend_cache, generate, make_inputs
-
-PHASES = ("vision", "prefill", "decode", "decode_last")
-
 
 @dataclass(frozen=True)
 class Failure:
@@ -58,14 +54,6 @@ class VirtualRun:
     @property
     def ok(self) -> bool:
         return self.failure is None
-
-    def transfer_bytes(self, phases=("prefill", "decode")) -> dict[tuple, int]:
-        """Bytes per (src, dst) link over the given phases."""
-        out: dict[tuple, int] = defaultdict(int)
-        for m in self.moves:
-            if m.phase in phases:
-                out[(m.src, m.dst)] += m.nbytes
-        return dict(out)
 
 
 def _failure(exc: BaseException, tracker: Tracker | None, rec: OpRecorder | None) -> Failure:
