@@ -238,10 +238,12 @@ def cmd_search(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from .compare import build_report, render_markdown, write_csv
+    from .compare import build_report, check_threshold, render_markdown, write_csv
 
+    pct = None if args.fail_on_regression is None else check_threshold(args.fail_on_regression)
     rep = build_report(args.inputs)
-    text = render_markdown(rep, args.fail_on_regression, args.include_times)
+    failures = rep.gate(pct, args.include_times) if pct is not None else []
+    text = render_markdown(rep, pct, args.include_times)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -252,17 +254,14 @@ def cmd_report(args) -> int:
             "studies": rep.studies,
             "changes": [{"run": r, "benchmark": c.benchmark, "figure": c.figure, "guarded": c.guarded,
                          "before": c.before, "after": c.after, "change": c.change} for r, c in rep.changes],
+            "gaps": [g.describe() for g in rep.gaps],
+            "gate": None if pct is None else {"threshold_pct": pct, "passed": not failures, "failures": failures},
         })
     else:
         print(text)
-    if args.fail_on_regression is not None:
-        bad = rep.regressions(args.fail_on_regression, args.include_times)
-        if bad:
-            for label, c in bad:
-                print(f"xctune: regression in {label}: {c.benchmark} {c.figure} {c.before:.6g} -> {c.after:.6g} "
-                      f"({'n/a' if c.change == float('inf') else f'{c.change:+.1%}'})", file=sys.stderr)
-            return 1
-    return 0
+    for line in failures:
+        print(f"xctune: gate: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_constraints(args) -> int:
@@ -395,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         "guarded figures (extra_info guards: ratios measured side by side, exact counts).",
     )
     p.add_argument("inputs", nargs="+", help="study folders, benchmark JSON files, or folders of benchmark JSON files")
-    p.add_argument("--fail-on-regression", type=float, metavar="PCT", help="exit 1 when a guarded figure got worse by more than PCT percent")
+    p.add_argument("--fail-on-regression", metavar="PCT",
+                   help="exit 1 when a guarded figure got worse by more than PCT percent, or when a run cannot be judged "
+                   "(a benchmark or guard of the baseline missing, a figure that is not a finite number)")
     p.add_argument("--include-times", action="store_true", help="let median times fail --fail-on-regression too (stable machines only)")
     p.add_argument("--out", help="also write report.md and report.csv here")
     p.add_argument("--json", action="store_true")

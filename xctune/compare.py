@@ -7,6 +7,12 @@ benchmark's median time and of every *guarded* figure (`extra_info["guards"]`, l
 better: ratios measured side by side and exact counts). Times drift between machines and are
 flagged but only guarded figures fail `--fail-on-regression PCT` (add `--include-times` on a
 machine you trust to be stable).
+
+The gate cannot pass by accident: besides a guarded figure worse than PCT, it fails on
+anything that would let a regression through unseen (`Report.gaps`) - a benchmark of the
+baseline missing from a later run (renamed ones included), a guard of the baseline missing,
+a figure that is not a finite number (NaN, inf, text, null) in any run, a guard over the limit
+its own run declares. It needs a baseline and at least one run to compare.
 """
 
 from __future__ import annotations
@@ -26,6 +32,19 @@ class BenchRun:
     guards: dict[str, dict[str, float]]  # benchmark -> guard name -> value
     limits: dict[str, dict[str, float]]
     machine: str = ""
+    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # (benchmark, figure, value as given): not finite numbers
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Something that keeps the gate from judging a run: a missing benchmark or guard, an unusable figure."""
+
+    run: str
+    benchmark: str
+    problem: str
+
+    def describe(self) -> str:
+        return f"{self.run}: {self.benchmark}: {self.problem}"
 
 
 @dataclass
@@ -49,8 +68,42 @@ class Report:
     runs: list[BenchRun] = field(default_factory=list)
     changes: list[tuple[str, Change]] = field(default_factory=list)  # (run label, change)
 
+    gaps: list[Gap] = field(default_factory=list)
+
     def regressions(self, pct: float, include_times: bool = False) -> list[tuple[str, Change]]:
         return [(r, c) for r, c in self.changes if (c.guarded or include_times) and c.change > pct / 100]
+
+    def gate(self, pct: float, include_times: bool = False) -> list[str]:
+        """Why `--fail-on-regression PCT` fails, one line per cause; empty when the runs pass."""
+        if len(self.runs) < 2:
+            raise BadInput("--fail-on-regression needs a baseline and at least one run to compare with it")
+        lines = [f"regression in {r}: {c.benchmark} {c.figure} {c.before:.6g} -> {c.after:.6g} "
+                 f"({'n/a' if math.isinf(c.change) else f'{c.change:+.1%}'})" for r, c in self.regressions(pct, include_times)]
+        return lines + [g.describe() for g in self.gaps]
+
+
+def check_threshold(pct) -> float:
+    """A regression threshold in percent: a finite number >= 0."""
+    try:
+        value = float(pct)
+    except (TypeError, ValueError):
+        raise BadInput(f"--fail-on-regression takes a percentage (a number >= 0), got {_short(pct)}") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"--fail-on-regression takes a finite percentage >= 0, got {_short(pct)}")
+    return value
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _figure(value) -> float | None:
+    """A figure as a finite float, or None when it is not one (NaN, inf, text, null, bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _read_json(path: Path):
@@ -66,19 +119,34 @@ def load_bench(path: Path) -> BenchRun:
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise BadInput(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list)")
-    medians, guards, limits = {}, {}, {}
+    run = BenchRun(path, {}, {}, {})
     for b in data["benchmarks"]:
-        try:
-            name = b["name"]
-            medians[name] = float(b["stats"]["median"])
-        except (KeyError, TypeError, ValueError):
-            raise BadInput(f"{path}: a benchmark entry lacks name or stats.median") from None
-        extra = b.get("extra_info") or {}
-        guards[name] = {k: float(v) for k, v in (extra.get("guards") or {}).items()}
-        limits[name] = {k: float(v) for k, v in (extra.get("limits") or {}).items()}
-    info = data.get("machine_info") or {}
-    machine = f"{info.get('node', '?')}, {info.get('cpu', {}).get('brand_raw', '')}".strip(", ")
-    return BenchRun(path, medians, guards, limits, machine)
+        if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not isinstance(b.get("stats"), dict) \
+                or "median" not in b["stats"]:
+            raise BadInput(f"{path}: a benchmark entry lacks name or stats.median")
+        name = b["name"]
+        if name in run.medians or name in run.guards:
+            raise BadInput(f"{path}: benchmark {_short(name)} appears twice")
+        extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+        run.medians[name] = _figure(b["stats"]["median"])
+        if run.medians[name] is None:
+            run.unusable.append((name, "median time", _short(b["stats"]["median"])))
+            run.medians[name] = math.nan  # kept (not compared) so that the benchmark does not read as missing
+        for kind in ("guards", "limits"):
+            table = extra.get(kind) or {}
+            if not isinstance(table, dict):
+                raise BadInput(f"{path}: {name} extra_info.{kind} must be an object of figures")
+            getattr(run, kind)[name] = figures = {}
+            for key, raw in table.items():
+                value = _figure(raw)
+                if value is None:
+                    run.unusable.append((name, f"{kind[:-1]} {key}", _short(raw)))
+                else:
+                    figures[key] = value
+    info = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}
+    cpu = info.get("cpu") if isinstance(info.get("cpu"), dict) else {}
+    run.machine = f"{info.get('node', '?')}, {cpu.get('brand_raw', '')}".strip(", ")
+    return run
 
 
 def load_study_summary(folder: Path) -> dict:
@@ -116,10 +184,28 @@ def build_report(paths: list[str]) -> Report:
             raise BadInput(f"no such file or folder: {p}")
     if rep.runs:
         base = rep.runs[0]
+        if not base.medians:
+            raise BadInput(f"the baseline {base.path} holds no benchmarks: nothing to guard")
+        for run in rep.runs:
+            rep.gaps += [Gap(run.path.name, b, f"{what} = {raw} is not a finite number") for b, what, raw in run.unusable]
+            for name, limits in run.limits.items():
+                for g, lim in limits.items():
+                    v = run.guards[name].get(g)
+                    if v is not None and v > lim:
+                        rep.gaps.append(Gap(run.path.name, name, f"guard {g} = {v:.6g} is over its own limit {lim:.6g}"))
         for run in rep.runs[1:]:
             label = run.path.name
+            for name in base.medians:
+                if name not in run.medians:
+                    new = sorted(set(run.medians) - set(base.medians))
+                    hint = f" (new in this run: {', '.join(new[:3])}{', ...' if len(new) > 3 else ''})" if new else ""
+                    rep.gaps.append(Gap(label, name, f"missing from this run: renamed or not run{hint}"))
+                    continue
+                for g in base.guards[name]:
+                    if g not in run.guards[name] and (name, f"guard {g}") not in {u[:2] for u in run.unusable}:
+                        rep.gaps.append(Gap(label, name, f"guard {g} missing from this run"))
             for name, t in run.medians.items():
-                if name in base.medians:
+                if name in base.medians and math.isfinite(t) and math.isfinite(base.medians[name]):
                     rep.changes.append((label, Change(name, "time", base.medians[name], t, False)))
                 for g, v in run.guards.get(name, {}).items():
                     if g in base.guards.get(name, {}):
@@ -163,12 +249,10 @@ def render_markdown(rep: Report, pct: float | None, include_times: bool) -> str:
             lines.append(f"| {label} | {c.benchmark} | {c.figure}{' (guarded)' if c.guarded else ''} | {fmt(c.before)} | "
                          f"{fmt(c.after)} | {ch} | {flag} |")
         lines.append("")
-    for r in rep.runs:
-        for name, limits in r.limits.items():
-            for g, lim in limits.items():
-                v = r.guards.get(name, {}).get(g)
-                if v is not None and v > lim:
-                    lines.append(f"- over its own limit in `{r.path.name}`: {name} {g} = {v:.4g} > {lim:.4g}")
+    if rep.gaps:
+        lines += ["## What the gate cannot judge (each fails --fail-on-regression)", ""]
+        lines += [f"- {g.describe()}" for g in rep.gaps]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
