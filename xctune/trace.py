@@ -20,9 +20,7 @@ transfers as a dry run of the plan itself, and memory within a stated tolerance.
 
 from __future__ import annotations
 
-import hashlib
-import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,27 +91,26 @@ class Trace:
         return self._recordings[key]
 
     def _cached(self, key, make):
-        """Recordings are pure functions of (model, workload, widths, skip keys, versions): keep them on disk."""
+        """Recordings are pure functions of (model, workload, widths, skip keys, versions): keep them on disk,
+        as data only (trace_cache.py); a file there that is not a valid entry is ignored and recorded again."""
         if self.cache_dir is None:
             return make()
-        import torch
+        from . import trace_cache
 
-        from . import __version__
-
-        ident = repr((asdict(self.profile.config), self.workload.to_dict(), key, __version__, torch.__version__))
-        path = Path(self.cache_dir) / f"trace-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.pkl"
-        if path.is_file():
+        trace_cache.warn_foreign_files(self.cache_dir)
+        ident = trace_cache.cache_key(self.profile.config, self.workload, *key)
+        path = trace_cache.entry_path(self.cache_dir, ident)
+        run = trace_cache.load(path, ident, self.workload)
+        if run is not None:
             try:
-                with path.open("rb") as f:
-                    return pickle.load(f)
-            except Exception:  # a stale or broken cache entry is recomputed, never trusted
-                path.unlink(missing_ok=True)
+                return self._arrays(run)
+            except (KeyError, IndexError, ValueError, TypeError) as e:
+                trace_cache.log.warning(f"xctune: warning: ignoring {path}: its run does not fit this model ({e!r:.120}); recording it again")
         rec = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            pickle.dump(rec, f)
-        tmp.replace(path)
+        try:
+            trace_cache.save(path, ident, rec.run)
+        except OSError as e:  # a cache that cannot be written costs time, not the answer
+            trace_cache.log.warning(f"xctune: warning: cannot write the trace cache {path}: {e.strerror or e}")
         return rec
 
     def _record(self, dtypes: dict[str, str], skip_keys) -> _Recording:
@@ -129,18 +126,22 @@ class Trace:
         if not run.ok:
             raise RuntimeError(f"the trace itself failed: {run.failure.describe()}")
         self.seconds += run.seconds
-        calls = [c for c in run.calls if c.phase != "setup"]
+        run.calls = [c for c in run.calls if c.phase != "setup"]
+        run.moves = [m for m in run.moves if m.phase != "setup"]
+        return self._arrays(run)
+
+    def _arrays(self, run: VirtualRun) -> _Recording:
+        """The recording's arrays, from a run (fresh, or read back from the cache)."""
+        calls, moves = run.calls, run.moves
         live = np.zeros((len(calls), len(self.holders)))
         transient = np.zeros(len(calls))
         for i, c in enumerate(calls):
             for h, n in c.live_at_entry.items():
                 live[i, self.holder_index[h]] = n
             transient[i] = c.peak_inside - c.live_at_entry.get(c.loc, 0)
-        moves = [m for m in run.moves if m.phase != "setup"]
         kv = np.zeros(len(self.holders))
         for h, n in run.kv_bytes.items():
             kv[self.holder_index[h]] = n
-        run.calls, run.moves = calls, moves
         return _Recording(
             run,
             [OpTable.of(c) for c in calls],
