@@ -13,8 +13,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from .errors import shown
 from .hardware import GiB, Cluster
-from .placement import OFFLOAD_TIERS, exec_location, main_location
+from .placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
 from .plan import Plan, Resolution, resolve
 from .profile import DTYPE_BYTES, LAYER_PREFIX, ModelProfile, unit_of_parameter
 from .virtual import VirtualRun, virtual_run
@@ -79,10 +80,12 @@ def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
 def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution) -> list[Finding]:
     f: list[Finding] = []
     known = sorted({u.name for u in profile.units} | {n for n, _ in profile.param_numels})
-    for key in res.unknown_keys:
-        close = difflib.get_close_matches(key, known, n=1)
+    for key in res.unknown_keys[:5]:
+        close = difflib.get_close_matches(key, known, n=1) if len(key) <= 200 else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        f.append(Finding("error", "unknown-module", f"unknown module {key!r}{hint}"))
+        f.append(Finding("error", "unknown-module", f"unknown module {shown(key)}{hint}"))
+    if len(res.unknown_keys) > 5:
+        f.append(Finding("error", "unknown-module", f"{len(res.unknown_keys) - 5:,} more unknown modules"))
     if res.uncovered:
         units = list(dict.fromkeys(unit_of_parameter(n) for n in res.uncovered))
         f.append(
@@ -95,7 +98,7 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
             )
         )
     for name, keys in res.covered_twice[:5]:
-        f.append(Finding("error", "covered-twice", f"{name!r} is placed twice, by {_names(repr(k) for k in keys)}"))
+        f.append(Finding("error", "covered-twice", f"{name!r} is placed twice, by {_names(shown(k) for k in keys)}"))
     if len(res.covered_twice) > 5:
         f.append(Finding("error", "covered-twice", f"{len(res.covered_twice) - 5} more parameters are placed twice"))
 
@@ -105,7 +108,7 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
         if isinstance(dev, int) and dev >= n:
             outside.setdefault(dev, []).append(key)
     for dev, keys in sorted(outside.items()):
-        what = repr(keys[0]) if len(keys) == 1 else f"{len(keys)} entries ({keys[0]!r}, ...)"
+        what = shown(keys[0]) if len(keys) == 1 else f"{len(keys):,} entries ({shown(keys[0])}, ...)"
         f.append(Finding("error", "unknown-device", f"{what} on cuda:{dev}, but the cluster has {n} GPU(s): cuda:0-{n - 1}"))
     for i in plan.gpus:
         if i < n:
@@ -346,6 +349,7 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
     report = CheckReport(plan, cluster, workload, findings, profile=profile)
     if any(f.code in _STRUCTURAL for f in findings):
         return report  # accelerate would refuse the map before running anything
+    require_gpu(plan.device_map)
     dr = virtual_run(profile, plan, workload)
     report.dry_run = dr
     static_coloc = any(f.code == "colocation" for f in findings)

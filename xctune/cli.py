@@ -1,9 +1,10 @@
 """The `xctune` command: a thin layer over the Python API.
 
 Exit codes, for every subcommand: 0 success (for `check`: the map will run), 1 the thing asked
-about fails (a map that will not run, a regression), 2 bad input (one line on stderr), 130
-interrupted. An unexpected internal error prints one line too (XCTUNE_DEBUG=1 shows the
-traceback) and exits 3.
+about fails (a map that will not run, a regression), 2 bad input (one line on stderr, cut to a
+readable length), 130 interrupted. An unexpected internal error - a bug of ours, never bad
+input - prints one line too, asking for a report (XCTUNE_DEBUG=1 shows the traceback), and
+exits 3.
 """
 
 from __future__ import annotations
@@ -426,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BadInput as e:
-        print(f"xctune: error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split())  # one line, cut to a readable length whatever the input held
+        print(f"xctune: error: {text if len(text) <= 500 else text[:500] + '... (cut)'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xctune: interrupted", file=sys.stderr)
@@ -434,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: one line, the traceback on request
         if os.environ.get("XCTUNE_DEBUG"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"xctune: internal error: {type(e).__name__}: {first} (set XCTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"xctune: internal error: {type(e).__name__}: {first} (a bug in xctune: please report it with the command "
+              "line and the traceback that XCTUNE_DEBUG=1 prints)", file=sys.stderr)
         return 3
 
 

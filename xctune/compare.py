@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, shown
 
 
 @dataclass
@@ -87,15 +87,10 @@ def check_threshold(pct) -> float:
     try:
         value = float(pct)
     except (TypeError, ValueError):
-        raise BadInput(f"--fail-on-regression takes a percentage (a number >= 0), got {_short(pct)}") from None
+        raise BadInput(f"--fail-on-regression takes a percentage (a number >= 0), got {shown(pct)}") from None
     if not math.isfinite(value) or value < 0:
-        raise BadInput(f"--fail-on-regression takes a finite percentage >= 0, got {_short(pct)}")
+        raise BadInput(f"--fail-on-regression takes a finite percentage >= 0, got {shown(pct)}")
     return value
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _figure(value) -> float | None:
@@ -126,11 +121,11 @@ def load_bench(path: Path) -> BenchRun:
             raise BadInput(f"{path}: a benchmark entry lacks name or stats.median")
         name = b["name"]
         if name in run.medians or name in run.guards:
-            raise BadInput(f"{path}: benchmark {_short(name)} appears twice")
+            raise BadInput(f"{path}: benchmark {shown(name)} appears twice")
         extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
         run.medians[name] = _figure(b["stats"]["median"])
         if run.medians[name] is None:
-            run.unusable.append((name, "median time", _short(b["stats"]["median"])))
+            run.unusable.append((name, "median time", shown(b["stats"]["median"])))
             run.medians[name] = math.nan  # kept (not compared) so that the benchmark does not read as missing
         for kind in ("guards", "limits"):
             table = extra.get(kind) or {}
@@ -140,7 +135,7 @@ def load_bench(path: Path) -> BenchRun:
             for key, raw in table.items():
                 value = _figure(raw)
                 if value is None:
-                    run.unusable.append((name, f"{kind[:-1]} {key}", _short(raw)))
+                    run.unusable.append((name, f"{kind[:-1]} {key}", shown(raw)))
                 else:
                     figures[key] = value
     info = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}

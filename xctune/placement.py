@@ -38,6 +38,25 @@ def main_location(device_map: Mapping[str, object]) -> Location:
     return min(gpus) if gpus else "cpu"
 
 
+ONLY_DISK = "the map puts everything on 'disk': accelerate needs a GPU or the CPU to execute on"
+
+
+def require_gpu(device_map: Mapping[str, object]) -> None:
+    """The virtual world prices GPUs: a map with no GPU entry is refused with the reason (check, bench, search alike).
+
+    accelerate runs such a map on the CPU alone (`{"": "cpu"}`), or not at all (only "disk": nothing to
+    execute on); `xctune bench --real` measures the first on this machine.
+    """
+    if main_location(device_map) != "cpu":
+        return
+    from .errors import BadInput
+
+    if set(device_map.values()) == {"disk"}:
+        raise BadInput(ONLY_DISK)
+    raise BadInput("the map puts nothing on a GPU: accelerate would run the whole model on the CPU, which a virtual "
+                   "cluster does not model; measure it with `xctune bench --real`, or place a module on a GPU")
+
+
 def exec_location(device, main: Location) -> Location:
     """Offloaded modules execute on the main device; their weights stream in per call."""
     return main if device in OFFLOAD_TIERS else device

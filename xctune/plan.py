@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, shown
 from .profile import DTYPES, GROUPS, ModelProfile, unit_of_parameter
 
 Device = int | str  # a GPU index, "cpu" or "disk"
@@ -24,10 +24,10 @@ DEFAULT_SKIP_KEYS = ("past_key_values",)
 def parse_device(value, key: str) -> Device:
     """One map value -> int GPU index, "cpu" or "disk"; anything else is bad input."""
     if isinstance(value, bool):
-        raise BadInput(f"device for {key!r} is {value!r}; use a GPU index (0, 1, ...), 'cpu' or 'disk'")
+        raise BadInput(f"device for {shown(key)} is {value!r}; use a GPU index (0, 1, ...), 'cpu' or 'disk'")
     if isinstance(value, int):
         if value < 0:
-            raise BadInput(f"device for {key!r} is {value}; GPU indices start at 0")
+            raise BadInput(f"device for {shown(key)} is {shown(value)}; GPU indices start at 0")
         return value
     if isinstance(value, str):
         v = value.strip().lower()
@@ -36,7 +36,7 @@ def parse_device(value, key: str) -> Device:
         m = re.fullmatch(r"cuda:(\d+)", v)
         if m:
             return int(m.group(1))
-    raise BadInput(f"device for {key!r} is {value!r}; use a GPU index (0, 1, ...), 'cpu' or 'disk'")
+    raise BadInput(f"device for {shown(key)} is {shown(value)}; use a GPU index (0, 1, ...), 'cpu' or 'disk'")
 
 
 def _read_json(source) -> tuple[object, str]:
@@ -68,8 +68,11 @@ def parse_device_map(data, where: str = "the map") -> dict[str, Device]:
         raise BadInput(f"{where} is empty: name at least one module")
     out: dict[str, Device] = {}
     for key, value in data.items():
+        if type(value) is int and value >= 0 and type(key) is str:  # the common case, fast for huge maps
+            out[key] = value
+            continue
         if not isinstance(key, str):
-            raise BadInput(f"{where}: module names must be strings, got {key!r}")
+            raise BadInput(f"{where}: module names must be strings, got {shown(key)}")
         out[key] = parse_device(value, key)
     return out
 
@@ -171,13 +174,18 @@ def _matches(key: str, name: str) -> bool:
     return key == "" or name == key or name.startswith(key + ".")
 
 
+def _prefixes(name: str) -> list[str]:
+    """The map keys that can cover `name` by accelerate's prefix rule: "", "a", "a.b", ..., the name itself."""
+    parts = name.split(".")
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
 def resolve(device_map: Mapping[str, Device], profile: ModelProfile) -> Resolution:
+    # by lookups of each parameter's prefixes: time grows with the model's names, not with the map's size
     param_device: dict[str, Device] = {}
     uncovered, twice = [], []
-    used: set[str] = set()
     for name, _ in profile.param_numels:
-        keys = [k for k in device_map if _matches(k, name)]
-        used.update(keys)
+        keys = [k for k in _prefixes(name) if k in device_map]
         if not keys:
             uncovered.append(name)
             continue
@@ -185,10 +193,8 @@ def resolve(device_map: Mapping[str, Device], profile: ModelProfile) -> Resoluti
             twice.append((name, tuple(keys)))
         # accelerate's hooks end up honouring the most specific entry
         param_device[name] = device_map[max(keys, key=len)]
-    buffer_names = [n for n, _ in profile.buffer_numels]
-    unknown = [
-        k for k in device_map if k not in used and not any(_matches(k, b) for b in buffer_names) and k != ""
-    ]
+    known = {p for name, _ in (*profile.param_numels, *profile.buffer_numels) for p in _prefixes(name)}
+    unknown = [k for k in device_map if k not in known]
     unit_devices: dict[str, list] = {}
     for name, dev in param_device.items():
         devs = unit_devices.setdefault(unit_of_parameter(name), [])

@@ -27,7 +27,7 @@ from .hardware import Cluster
 from .instrument import FusedAttention, MoveTimer, OpRecorder
 from .models import XComposer
 from .models.loading import ModelSpec
-from .placement import OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
+from .placement import ONLY_DISK, OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
 from .plan import Plan, resolve
 from .check import weight_bytes
 from .profile import DTYPES, unit_of_parameter, unit_torch_dtypes
@@ -174,6 +174,8 @@ class HostExecutor:
 
     # --- one trial ---------------------------------------------------------------------------
     def run(self, plan: Plan, label: str = "") -> TrialRecord:
+        if set(plan.device_map.values()) == {"disk"}:
+            raise BadInput(ONLY_DISK)
         collapsed = self.world.collapsed_for(plan.device_map)
         devices = self._device_names(plan, collapsed)
         n_logical = len(self.budget.gpus) if self.budget else None

@@ -6,6 +6,7 @@ from .check import weight_bytes
 from .costmodel import Efficiency, Estimate, combine, price_calls
 from .hardware import Cluster
 from .instrument import UnitCall
+from .placement import require_gpu
 from .plan import Plan, resolve
 from .profile import ModelProfile
 from .record import Spread, TrialRecord, software_versions
@@ -123,6 +124,7 @@ def simulate(
     label: str = "",
 ) -> TrialRecord:
     """One simulated trial through the full dry run (the judge; seconds for a 7B model)."""
+    require_gpu(plan.device_map)
     run = virtual_run(profile, plan, workload)
     devices = {dev(i): g.name for i, g in enumerate(cluster.gpus)}
     bad = [d for d in plan.gpus if d >= len(cluster.gpus)]

@@ -10,15 +10,20 @@
     [real]      enabled = false  repeats = 3  fidelity_floor = 0.0  seed_plans = 3
 
 Command-line flags override the file.
+
+Every setting is checked against `SETTINGS` (its type, range or choices) before anything runs;
+an error names the file, the table and the key. A new setting is one line there.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, shown
 from .space import SpaceOptions
 from .workload import Workload
 
@@ -33,6 +38,110 @@ OBJECTIVES = {
     "transfer": "bytes moved between devices over the workload (transfer_bytes)",
 }
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
+BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single")  # baselines.BASELINES (not imported: it pulls in torch)
+DTYPES = ("fp32", "fp16", "bf16")
+SEED_MAX = 2**32 - 1  # Optuna's samplers seed numpy, which takes 0 .. 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one key of a study file may hold."""
+
+    kind: str  # "text", "whole" (int, not bool), "number" (int or float, finite), "flag" (bool), "texts" (list), "pair" (2 wholes)
+    low: float | None = None
+    high: float | None = None
+    below: float | None = None  # exclusive upper bound
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value) -> str | None:
+        """Why `value` does not fit, or None."""
+        kinds = {"text": "a string", "whole": "a whole number", "number": "a number", "flag": "true or false",
+                 "texts": "a list of strings", "pair": "a list of two whole numbers"}
+        want = kinds[self.kind] + self._range()
+        if self.kind == "texts":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                return f"must be {want}" + (" (a single string is not a list: write [\"...\"])" if isinstance(value, str) else "")
+            bad = [v for v in value if self.choices and v not in self.choices]
+            return f"{shown(bad[0])} is not one of {', '.join(self.choices)}" if bad else None
+        if self.kind == "pair":
+            ok = isinstance(value, list) and len(value) == 2 and all(_whole(v) and v >= (self.low or 0) for v in value)
+            return None if ok else f"must be {want}"
+        if self.kind == "text":
+            if not isinstance(value, str):
+                return f"must be {want}"
+            return f"must be one of {', '.join(self.choices)}" if self.choices and value not in self.choices else None
+        if self.kind == "flag":
+            return None if isinstance(value, bool) else f"must be {want}"
+        fits = _whole(value) if self.kind == "whole" else (_whole(value) or isinstance(value, float) and math.isfinite(value))
+        in_range = fits and (self.low is None or value >= self.low) and (self.high is None or value <= self.high) \
+            and (self.below is None or value < self.below)
+        return None if in_range else f"must be {want}" + (" (true/false is not a number)" if isinstance(value, bool) else "")
+
+    def _range(self) -> str:
+        num = lambda x: f"{x:,}" if float(x).is_integer() else f"{x:g}"  # noqa: E731
+        parts = [f">= {num(self.low)}" if self.low is not None else "", f"<= {num(self.high)}" if self.high is not None else "",
+                 f"< {num(self.below)}" if self.below is not None else ""]
+        parts = [p for p in parts if p]
+        return (" " + " and ".join(parts)) if parts else ""
+
+
+def _as_toml(value) -> str:
+    """A value as the study file spells it (true, "text"), cut to a readable length."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and len(value) <= 60:
+        return json.dumps(value, ensure_ascii=False)
+    return shown(value)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# table ("" = top level) -> key -> what it may hold
+SETTINGS: dict[str, dict[str, Setting]] = {
+    "": {
+        "name": Setting("text"),
+        "description": Setting("text"),
+        "model": Setting("text"),
+        "trials": Setting("whole", low=0, high=1_000_000),
+        "objectives": Setting("texts", choices=tuple(OBJECTIVES)),
+        "sampler": Setting("text", choices=SAMPLERS),
+        "seed": Setting("whole", low=0, high=SEED_MAX),
+        "baselines": Setting("texts", choices=BASELINES),
+        "baseline_dtype": Setting("text", choices=DTYPES),
+    },
+    "cluster": {
+        "gpus": Setting("text"),
+        "link": Setting("text"),
+        "headroom": Setting("number", low=0, below=1),
+    },
+    "workload": {
+        "images": Setting("whole", low=0, high=64),
+        "prompt_tokens": Setting("whole", low=1, high=1_000_000),
+        "new_tokens": Setting("whole", low=1, high=1_000_000),
+        "batch": Setting("whole", low=1, high=4096),
+        "hd_layout": Setting("pair", low=1),
+        "seed": Setting("whole", low=0, high=SEED_MAX),
+    },
+    "space": {
+        "dtypes": Setting("texts", choices=DTYPES),
+        "mixed_precision": Setting("flag"),
+        "offload": Setting("texts", choices=("cpu", "disk")),
+        "max_devices": Setting("whole", low=1, high=4096),
+        "skip_keys": Setting("texts"),
+    },
+    "real": {
+        "enabled": Setting("flag"),
+        "repeats": Setting("whole", low=1, high=10_000),
+        "fidelity_floor": Setting("number", low=0, high=1),
+        "seed_plans": Setting("whole", low=0, high=1000),
+        "calibration": Setting("text"),
+    },
+}
+# command-line overrides checked by the same rules: StudySpec field -> (table, key)
+OVERRIDES = {"model": ("", "model"), "gpus": ("cluster", "gpus"), "trials": ("", "trials"), "seed": ("", "seed"),
+             "sampler": ("", "sampler"), "headroom": ("cluster", "headroom")}
 
 
 @dataclass(frozen=True)
@@ -84,17 +193,19 @@ class StudySpec:
         return self.storage or f"sqlite:///{(self.out_dir / 'study.db').as_posix()}"
 
 
-def _table(data: dict, key: str, where: str) -> dict:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise BadInput(f"{where}: [{key}] must be a table")
-    return value
-
-
-def _known(table: dict, allowed: set, where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise BadInput(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(allowed))}")
+def _checked(data: dict, table: str, where: str) -> dict:
+    """The settings of one table of a study file, each checked against SETTINGS."""
+    rules = SETTINGS[table]
+    label = f"{where} [{table}]" if table else where
+    for key, value in data.items():
+        if key not in rules:
+            if table == "" and key in SETTINGS:
+                raise BadInput(f"{where}: [{key}] must be a table")
+            raise BadInput(f"{label}: unknown setting {shown(key, 40)}; known: {', '.join(sorted(rules))}")
+        problem = rules[key].problem(value)
+        if problem:
+            raise BadInput(f"{label}: {key} = {_as_toml(value)}: {problem}")
+    return data
 
 
 def load_study(path) -> StudySpec:
@@ -104,42 +215,37 @@ def load_study(path) -> StudySpec:
     except OSError as e:
         raise BadInput(f"cannot read study {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path} is not valid TOML: {e}") from None
+        raise BadInput(f"{path} is not valid TOML: {shown(str(e), 200)[1:-1]}") from None
     where = str(path)
-    top = {"name", "model", "trials", "objectives", "sampler", "seed", "baselines", "baseline_dtype",
-           "cluster", "workload", "space", "real", "description"}
-    _known(data, top, where)
-    cluster, work, space, real = (_table(data, k, where) for k in ("cluster", "workload", "space", "real"))
-    _known(cluster, {"gpus", "link", "headroom"}, f"{where} [cluster]")
-    _known(work, {"images", "prompt_tokens", "new_tokens", "batch", "hd_layout", "seed"}, f"{where} [workload]")
-    _known(space, {"dtypes", "mixed_precision", "offload", "max_devices", "skip_keys"}, f"{where} [space]")
-    _known(real, {"enabled", "repeats", "fidelity_floor", "seed_plans", "calibration"}, f"{where} [real]")
-    try:
-        workload = Workload(**{**work, **({"hd_layout": tuple(work["hd_layout"])} if "hd_layout" in work else {})})
-        options = SpaceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
-        return StudySpec(
-            name=data.get("name", path.stem),
-            model=data.get("model", "ixc2-vl-7b"),
-            gpus=cluster.get("gpus"),
-            link=cluster.get("link", "pcie4"),
-            headroom=float(cluster.get("headroom", 0.10)),
-            workload=workload,
-            space=options,
-            objectives=tuple(data.get("objectives", ["latency"])),
-            trials=data.get("trials", 50),
-            sampler=data.get("sampler", "auto"),
-            seed=data.get("seed", 0),
-            baselines=tuple(data.get("baselines", StudySpec.baselines)),
-            baseline_dtype=data.get("baseline_dtype", "fp32"),
-            real=bool(real.get("enabled", False)),
-            repeats=int(real.get("repeats", 3)),
-            fidelity_floor=real.get("fidelity_floor"),
-            seed_plans=int(real.get("seed_plans", 3)),
-            calibration=_relative_to(path, real.get("calibration")),
-            source=str(path),
-        )
-    except TypeError as e:
-        raise BadInput(f"{where}: {e}") from None
+    tables = {k: data.pop(k) for k in list(data) if k in SETTINGS and k}
+    for k, v in tables.items():
+        if not isinstance(v, dict):
+            raise BadInput(f"{where}: [{k}] must be a table")
+    top = _checked(data, "", where)
+    cluster, work, space, real = (_checked(tables.get(k, {}), k, where) for k in ("cluster", "workload", "space", "real"))
+    workload = Workload(**{**work, **({"hd_layout": tuple(work["hd_layout"])} if "hd_layout" in work else {})})
+    options = SpaceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
+    return StudySpec(
+        name=top.get("name", path.stem),
+        model=top.get("model", "ixc2-vl-7b"),
+        gpus=cluster.get("gpus"),
+        link=cluster.get("link", "pcie4"),
+        headroom=float(cluster.get("headroom", 0.10)),
+        workload=workload,
+        space=options,
+        objectives=tuple(top.get("objectives", ["latency"])),
+        trials=top.get("trials", 50),
+        sampler=top.get("sampler", "auto"),
+        seed=top.get("seed", 0),
+        baselines=tuple(top.get("baselines", StudySpec.baselines)),
+        baseline_dtype=top.get("baseline_dtype", "fp32"),
+        real=real.get("enabled", False),
+        repeats=real.get("repeats", 3),
+        fidelity_floor=real.get("fidelity_floor"),
+        seed_plans=real.get("seed_plans", 3),
+        calibration=_relative_to(path, real.get("calibration")),
+        source=str(path),
+    )
 
 
 def _relative_to(study: Path, value: str | None) -> str | None:
@@ -162,4 +268,12 @@ def find_default_study() -> Path:
 
 
 def with_overrides(spec: StudySpec, **changes) -> StudySpec:
-    return replace(spec, **{k: v for k, v in changes.items() if v is not None})
+    """`spec` with the command line's settings (None: not given), checked by the study file's rules."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for name, value in changes.items():
+        if name in OVERRIDES:
+            table, key = OVERRIDES[name]
+            problem = SETTINGS[table][key].problem(value)
+            if problem:
+                raise BadInput(f"--{name.replace('_', '-')} {shown(value)}: {problem}")
+    return replace(spec, **changes)

@@ -27,7 +27,8 @@ import numpy as np
 
 from .costmodel import Efficiency, Estimate, OpTable, combine
 from .hardware import Cluster
-from .placement import OFFLOAD_TIERS, main_location
+from .errors import BadInput
+from .placement import OFFLOAD_TIERS, main_location, require_gpu
 from .plan import Plan, resolve
 from .profile import DTYPE_BYTES, GROUPS, ModelProfile, unit_level_weights
 from .virtual import VirtualRun, virtual_run
@@ -176,8 +177,10 @@ class Trace:
         """Simulated latency, transfers and memory of `plan`; InvalidPlan if it cannot run."""
         placed = self.unit_devices(plan)
         main = main_location(placed)
-        if main == "cpu":
-            raise InvalidPlan("error", "the plan puts nothing on a GPU")
+        try:
+            require_gpu(placed)
+        except BadInput as e:
+            raise InvalidPlan("error", str(e)) from None
         for u, d in placed.items():
             if isinstance(d, int) and d >= len(cluster.gpus):
                 raise InvalidPlan("error", f"{u} is on cuda:{d}, outside the cluster")

@@ -40,6 +40,11 @@ class XComposerConfig:
     hd: bool = False
     hd_layout: tuple[int, int] = (2, 3)  # default crop grid (rows, cols) of one image
 
+    def __post_init__(self):
+        problem = config_problem(self)
+        if problem:
+            raise BadInput(f"bad config {self.name!r}: {problem}")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -72,6 +77,55 @@ class XComposerConfig:
             return 1
         rows, cols = layout or self.hd_layout
         return 1 + rows * cols
+
+
+# sizes that must be whole numbers >= 1 (a layer count of 0 or a hidden size of 0 makes no model)
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "plora_rank",
+          "plora_rank_wqkv", "max_position_embeddings", "vision_hidden_size", "vision_intermediate_size",
+          "vision_layers", "vision_heads", "patch_size", "image_size")
+_POSITIVE = ("rope_theta", "rms_norm_eps")  # finite numbers > 0
+# (what must divide, what it must divide, why)
+_DIVIDES = (
+    ("num_heads", "hidden_size", "the attention heads split the hidden size"),
+    ("num_kv_heads", "num_heads", "grouped-query attention shares each KV head among whole groups of heads"),
+    ("vision_heads", "vision_hidden_size", "the vision heads split the vision hidden size"),
+)
+
+
+def config_problem(cfg: "XComposerConfig") -> str | None:
+    """Why these values make no model, or None; in the words of the config's own keys."""
+    import math
+
+    if not isinstance(cfg.name, str):
+        return f"name = {cfg.name!r} must be a string"
+    for key in _SIZES:
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            return f"{key} = {_shown(v)} must be a whole number >= 1"
+    for key in _POSITIVE:
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            return f"{key} = {_shown(v)} must be a finite number > 0"
+    for part, whole, why in _DIVIDES:
+        if getattr(cfg, whole) % getattr(cfg, part):
+            return f"{part} = {getattr(cfg, part)} does not divide {whole} = {getattr(cfg, whole)} ({why})"
+    if (cfg.hidden_size // cfg.num_heads) % 2:
+        return f"head size hidden_size / num_heads = {cfg.hidden_size // cfg.num_heads} must be even (rotary embeddings rotate pairs)"
+    if not isinstance(cfg.hd, bool):
+        return f"hd = {_shown(cfg.hd)} must be true or false"
+    side = 2 if cfg.hd else 1
+    if cfg.image_size < cfg.patch_size * side:
+        return f"image_size = {cfg.image_size} is smaller than {'two patches' if cfg.hd else 'one patch'} (patch_size = {cfg.patch_size})"
+    layout = cfg.hd_layout
+    if not isinstance(layout, tuple) or len(layout) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layout):
+        return f"hd_layout = {_shown(layout)} must be two whole numbers >= 1 (rows, cols)"
+    return None
+
+
+def _shown(value) -> str:
+    from ..errors import shown
+
+    return shown(value)
 
 
 _IXC2_LM = dict(

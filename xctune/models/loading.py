@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, shown
 from .config import PRESETS, XComposerConfig
 from .xcomposer import XComposer, init_weights
 
@@ -60,12 +61,15 @@ def config_from_dir(path: Path) -> XComposerConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise BadInput(f"{ours}: unknown config fields {', '.join(unknown)}")
-        if "hd_layout" in data:
+        if isinstance(data.get("hd_layout"), list):
             data["hd_layout"] = tuple(data["hd_layout"])
+        missing = sorted(f.name for f in fields(XComposerConfig) if f.default is MISSING and f.name not in data)
+        if missing:
+            raise BadInput(f"bad config {ours}: missing {', '.join(missing)}")
         try:
             return XComposerConfig(**data)
-        except TypeError as e:
-            raise BadInput(f"{ours}: {e}") from None
+        except BadInput as e:
+            raise BadInput(f"bad config {ours}: {str(e).split(': ', 1)[-1]}") from None
     if theirs.is_file():
         return config_from_hf(_read(theirs), path.name)
     raise BadInput(f"{path} has neither {XCTUNE_CONFIG} nor config.json")
@@ -87,7 +91,12 @@ def config_from_hf(data: dict, name: str) -> XComposerConfig:
     """Map an InternLM-XComposer2 `config.json` onto our config (fields it lacks keep IXC2-VL-7B values)."""
     base = PRESETS["ixc2-vl-7b"]
     hd = "hd_num" in data
-    get = lambda k, d: data.get(k, d)  # noqa: E731
+    def get(key, default):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise BadInput(f"bad config: config.json of {name}: {key} = {shown(value)} must be a whole number")
+        return value
+
     try:
         return XComposerConfig(
             name=name,
@@ -100,13 +109,29 @@ def config_from_hf(data: dict, name: str) -> XComposerConfig:
             plora_rank=256,
             plora_rank_wqkv=8 if hd else 256,
             max_position_embeddings=int(get("max_position_embeddings", base.max_position_embeddings)),
-            rope_theta=float(get("rope_theta", base.rope_theta)),
-            rms_norm_eps=float(get("rms_norm_eps", base.rms_norm_eps)),
+            rope_theta=_number(data, "rope_theta", base.rope_theta, name),
+            rms_norm_eps=_number(data, "rms_norm_eps", base.rms_norm_eps, name),
             image_size=336 if hd else int(get("img_size", base.image_size)),
             hd=hd,
         )
-    except (TypeError, ValueError) as e:
-        raise BadInput(f"config.json of {name}: {e}") from None
+    except BadInput as e:
+        if str(e).startswith("bad config:"):
+            raise
+        problem = re.sub(r"\b(\w+)\b", lambda m: _HF_KEYS.get(m.group(1), m.group(1)), str(e).split(": ", 1)[-1])
+        raise BadInput(f"bad config: config.json of {name}: {problem}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadInput(f"bad config: config.json of {name}: {shown(str(e), 160)}") from None
+
+
+_HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+            "image_size": "img_size"}  # our field -> the config.json key it comes from
+
+
+def _number(data: dict, key: str, default: float, name: str) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInput(f"bad config: config.json of {name}: {key} = {shown(value)} must be a number")
+    return float(value)
 
 
 def save_checkpoint(model: XComposer, path: Path) -> None:
