@@ -29,6 +29,7 @@ from xctune.costmodel import Efficiency
 from xctune.hardware import make_cluster
 from xctune.models import get_config
 from xctune.models.loading import resolve_model, save_checkpoint
+from xctune.oracle import Oracle
 from xctune.placement import HostWorld, dispatch, undispatch
 from xctune.plan import Plan, load_plan
 from xctune.profile import profile_of
@@ -196,6 +197,47 @@ def test_search_wall_time(benchmark, tmp_path):
                                  "best_e2e_ms": result.best["e2e_ms"], "optimum_e2e_ms": result.optimum.e2e_ms})
     guard(benchmark, "invalid_trials", len(sampled) - len(valid), 0, "the space produced a plan that cannot run")
     guard(benchmark, "gap_to_optimum", gap, 0.02 if FULL else 0.10, "the search lands farther from the optimum")
+
+
+ORACLE_CLUSTERS = {
+    "16 GPUs": ("16x24GiB", 10.0),
+    "64 mixed GPUs": ("16xa100-40g,16xrtx4090,16xl40s,16xa10", 60.0),
+}
+
+
+@pytest.fixture(scope="module")
+def vl7b_all_widths():
+    """The 7B trace at every element width a mixed fp32/fp16/bf16 space needs (recorded once, cached)."""
+    from xctune.search import trace_cache_dir
+    from xctune.space import SearchSpace, SpaceOptions
+
+    profile = profile_of(get_config("ixc2-vl-7b"))
+    trace = Trace(profile, Workload(), cache_dir=trace_cache_dir())
+    cluster = make_cluster("2x24GiB")
+    small = Oracle(trace, SearchSpace(profile, cluster, SpaceOptions()), cluster).solve()  # records every width
+    return profile, trace, small
+
+
+@pytest.mark.parametrize("name", list(ORACLE_CLUSTERS))
+def test_oracle_time(benchmark, vl7b_all_widths, name):
+    """The exact optimum over fp32/fp16/bf16 per group, 7B: seconds, at 16 GPUs and at a 64-GPU mixed cluster."""
+    from xctune.space import SearchSpace, SpaceOptions
+
+    profile, trace, small = vl7b_all_widths
+    gpus, limit = ORACLE_CLUSTERS[name]
+    cluster = make_cluster(gpus)
+    space = SearchSpace(profile, cluster, SpaceOptions())
+    t0 = time.perf_counter()
+    opt = benchmark.pedantic(Oracle(trace, space, cluster).solve, rounds=1, iterations=1)
+    seconds = time.perf_counter() - t0
+    benchmark.extra_info.update({"source": "simulated", "gpus": gpus, "optimum_e2e_ms": opt.e2e_ms,
+                                 "programmes": opt.configs, "seconds": seconds})
+    # the optimum is a plan of the space, priced as the trace prices it
+    assert opt.plan is not None and space.contains(opt.plan)
+    assert trace.evaluate(opt.plan, cluster).e2e_s * 1e3 == pytest.approx(opt.e2e_ms, rel=1e-9)
+    if gpus == "16x24GiB":  # more identical cards than the model needs: the 2-card optimum, exactly
+        assert opt.e2e_ms == pytest.approx(small.e2e_ms, rel=1e-12)
+    guard(benchmark, "oracle_seconds", seconds, limit, f"the exact optimum at {name} got slower")
 
 
 def test_redispatch_vs_cold_load(benchmark, tmp_path):
