@@ -152,3 +152,31 @@ def test_malformed_benchmark_entries_are_bad_input(tmp_path, capsys):
     odd = _variant(tmp_path, "odd.json", lambda d: _bench(d, "test_dry_run_7b")["extra_info"].update(guards=[1, 2]))
     assert main(["report", str(BASELINE), str(odd)]) == 2
     assert "extra_info.guards must be an object" in capsys.readouterr().err
+
+
+def test_gains_split_into_placement_and_precision():
+    """A baseline's ratio per precision; placement at the best's precision, precision on the same map;
+    one that does not fit in the baseline dtype is still compared at the others."""
+    from types import SimpleNamespace
+
+    from xctune.plan import Plan
+    from xctune.report import baseline_gains
+
+    best = {"e2e_ms": 100.0}
+    records = [
+        best,
+        {"baseline": "authors @ fp32", "baseline_keys": ["authors @ fp32"], "status": "ok", "feasible": True, "e2e_ms": 180.0},
+        {"baseline": "authors = single @ fp16", "baseline_keys": ["authors @ fp16", "single @ fp16"], "status": "ok",
+         "feasible": True, "e2e_ms": 102.0},
+        {"baseline": "single @ fp32", "baseline_keys": ["single @ fp32"], "status": "oom", "cause": "cuda:0 needs more"},
+    ]
+    result = SimpleNamespace(best=best, best_plan=Plan({"": 0}, {"vision": "bf16", "lm": "fp16", "head": "fp16"}),
+                             records=records, spec=SimpleNamespace(objectives=["latency"], baseline_dtype="fp32"),
+                             space=SimpleNamespace(dtypes=("fp32", "fp16", "bf16")))
+    gains = {g["baseline"]: g for g in baseline_gains(result)}
+    authors, single = gains["authors"], gains["single"]
+    assert list(authors["ratios"]) == ["fp32", "fp16"]  # the baseline dtype first
+    assert authors["total"] == 1.8 and authors["placement"] == 1.02
+    assert authors["precision"] == 180.0 / 102.0
+    assert single["status"] == {"fp32": "oom", "fp16": "ok"} and single["placement"] == 1.02
+    assert single["total"] is None and single["precision"] is None

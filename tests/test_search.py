@@ -127,7 +127,9 @@ def test_search_writes_everything_and_the_map_passes_check(tmp_path, capsys):
     board = pd.read_csv(out / "leaderboard.csv")
     sampled = board[board.baseline.isna() & board.trial.notna()]
     assert len(sampled) == 50
-    assert set(board.baseline.dropna()) >= {"authors = accelerate-balanced (repaired)", "accelerate-balanced", "single"}
+    # every baseline at every precision the study allows, fp32 (the baseline dtype) first
+    assert set(board.baseline.dropna()) >= {"authors = accelerate-balanced (repaired) @ fp32", "accelerate-balanced @ fp32",
+                                            "single @ fp32", "authors = accelerate-balanced (repaired) @ fp16"}
     assert (board.source.dropna() == "simulated").all()
     # the product: a bare map that from_pretrained takes, and that xctune check passes
     best_map = json.loads((out / "best_map.json").read_text())
@@ -138,6 +140,15 @@ def test_search_writes_everything_and_the_map_passes_check(tmp_path, capsys):
     doc = json.loads((out / "best_plan.json").read_text())
     assert doc["verified"].startswith("passes xctune check") and doc["optimum"]["gap"] <= 0.02
     assert {b["baseline"] for b in doc["baselines"]} >= {"single", "accelerate-sequential"}
+    # the gain over the authors' map, split: placement at the best's precision, precision on the same map
+    authors = next(g for g in doc["gains"] if g["baseline"] == "authors")
+    best_dtype = doc["plan"]["dtypes"]["lm"]
+    assert set(authors["ratios"]) == {"fp32", "fp16", "bf16"} and authors["best_precision"] == best_dtype
+    assert authors["placement"] == authors["ratios"][best_dtype] and authors["total"] == authors["ratios"]["fp32"]
+    assert authors["placement"] * authors["precision"] == pytest.approx(authors["total"], rel=1e-12)
+    assert 1.0 <= authors["placement"] < 1.1 < authors["precision"]  # in 16 bit, the authors' map is nearly as fast
+    single = next(g for g in doc["gains"] if g["baseline"] == "single")
+    assert single["status"]["fp32"] == "oom" and single["ratios"]["fp16"]  # does not fit in fp32, compared in fp16
 
 
 def test_resume_adds_trials_and_an_interruption_keeps_finished_ones(tmp_path, monkeypatch):

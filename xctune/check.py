@@ -388,3 +388,43 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
                 )
             )
     return report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What `check` said of a plan, kept so that a warm search need not run the same dry run again."""
+
+    ok: bool
+    errors: tuple[str, ...]
+    cached: bool = False
+
+
+def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, cache_dir=None) -> Verdict:
+    """`check`'s verdict, from `cache_dir` when the same plan, model, cluster, workload and versions were
+    checked before. The verdict is a pure function of those, as a trace is (trace.py keeps those the same way)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from . import __version__
+
+    path = None
+    if cache_dir is not None:
+        ident = repr((asdict(profile.config), workload.to_dict(), repr(cluster), plan.to_dict(), __version__, torch.__version__))
+        path = Path(cache_dir) / f"verdict-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.json"
+        try:
+            data = json.loads(path.read_text())
+            return Verdict(bool(data["ok"]), tuple(data["errors"]), cached=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or broken: run the dry run
+    report = check(plan, profile, cluster, workload)
+    verdict = Verdict(report.ok, tuple(f.message for f in report.errors))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"ok": verdict.ok, "errors": list(verdict.errors)}))
+        tmp.replace(path)
+    return verdict

@@ -199,7 +199,7 @@ def cmd_calibrate(args) -> int:
 def cmd_search(args) -> int:
     from pathlib import Path
 
-    from .report import summary, write_outputs
+    from .report import baseline_gains, summary, write_outputs
     from .search import run_search
     from .study import find_default_study, load_study, with_overrides
 
@@ -225,6 +225,7 @@ def cmd_search(args) -> int:
             "trials": len(result.study.trials),
             "best": {k: v for k, v in (result.best or {}).items() if k != "_plan"},
             "optimum_e2e_ms": result.optimum.e2e_ms if result.optimum and result.optimum.plan else None,
+            "gains": baseline_gains(result),
             "files": {k: str(v) for k, v in files.items()},
             "interrupted": result.interrupted,
         })

@@ -219,7 +219,8 @@ def render_markdown(rep: Report, pct: float | None, include_times: bool) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in rep.studies:
             vs = "; ".join(
-                f"{b['baseline']}: {b['ratio']:.2f}x" if b.get("ratio") else f"{b['baseline']}: {b.get('status')}"
+                f"{b['baseline']}{' @ ' + b['dtype'] if b.get('dtype') else ''}: "
+                + (f"{b['ratio']:.2f}x" if b.get("ratio") else str(b.get("status")))
                 for b in s["baselines"]
             )
             gap = f"{s['optimum_gap']:+.2%}" if s.get("optimum_gap") is not None else ""

@@ -5,8 +5,10 @@ Per op, a roofline against the device the op runs on:
     seconds = max(flops / (peak_flops[dtype] * eff.matmul), bytes / (mem_bw * eff.memory)) + eff.op_overhead
 
 (prefill is mostly compute-bound, decode bandwidth-bound: the max picks). Per move, the link's
-latency plus bytes over its bandwidth (GPU<->GPU link; host link for `cpu` offload; disk for
-`disk` offload, whose weights stream in at every call). Execution is sequential, as
+latency plus bytes over its *achieved* bandwidth — the datasheet rate times the fraction a copy
+reaches on that kind of path (GPU<->GPU link; host link from pageable memory for `cpu` offload,
+whose weights are ordinary host tensors; disk for `disk` offload). Offloaded weights stream in at
+every call. Execution is sequential, as
 accelerate's naive pipeline runs at batch 1: total time = compute + transfers.
 
 `Efficiency` holds the achieved fractions of peak; the defaults are assumptions, and
@@ -37,23 +39,45 @@ class Efficiency:
     op_overhead_us: float = 6.0  # per op: kernel launch and dispatch of eager PyTorch
     module_overhead_us: float = 0.0  # per nn.Module call: Python and accelerate-hook overhead
     source: str = "default assumption (not calibrated)"
+    # Achieved fractions of a link's datasheet bandwidth (assumptions until calibrated). A copy
+    # never reaches the signalling rate: protocol overhead alone costs PCIe ~15-20%; a copy from
+    # pageable host memory is staged through a pinned bounce buffer by the driver and reaches
+    # roughly half of what a pinned copy does; a drive's sequential rate is a best case.
+    gpu_link: float = 0.80  # GPU-to-GPU copies (peer or through the host)
+    host_pinned: float = 0.80  # host <-> GPU from page-locked memory
+    host_pageable: float = 0.40  # host <-> GPU from ordinary memory (accelerate's cpu offload)
+    disk: float = 0.80  # reads from the offload folder
 
     def __post_init__(self):
         ok = 0 < self.matmul <= 1 and 0 < self.memory <= 1 and self.op_overhead_us >= 0 and self.module_overhead_us >= 0
+        ok = ok and all(0 < f <= 1 for f in (self.gpu_link, self.host_pinned, self.host_pageable, self.disk))
         if not ok:
             raise BadInput(f"efficiency factors out of range: {self}")
+
+    def link_fraction(self, src, dst) -> float:
+        """The achieved fraction of the link a move from `src` to `dst` crosses (devices as in a device map).
+
+        Host memory that xctune's moves read or write is ordinary (pageable): accelerate's cpu offload
+        keeps the weights as plain tensors. `host_pinned` is there for paths that pin."""
+        if "disk" in (src, dst):
+            return self.disk
+        if "cpu" in (src, dst):
+            return self.host_pageable
+        return self.gpu_link
 
     @staticmethod
     def load(path) -> "Efficiency":
         try:
             data = json.loads(Path(path).read_text())
             eff = data.get("efficiency", data)
+            links = {k: float(eff[k]) for k in ("gpu_link", "host_pinned", "host_pageable", "disk") if k in eff}
             return Efficiency(
                 float(eff["matmul"]),
                 float(eff["memory"]),
                 float(eff["op_overhead_us"]),
                 float(eff.get("module_overhead_us", 0.0)),
                 f"calibrated: {path}",
+                **links,
             )
         except OSError as e:
             raise BadInput(f"cannot read calibration {path}: {e.strerror or e}") from None
@@ -139,10 +163,11 @@ def _decode_mean(moves) -> dict:
     return {k: (v[0], v[1]) for k, v in acc.items()}
 
 
-def link_seconds(cluster: Cluster, src, dst, nbytes: int) -> float:
+def link_seconds(cluster: Cluster, src, dst, nbytes: int, eff: Efficiency) -> float:
+    """Seconds of one move: the link's latency plus bytes over its achieved bandwidth."""
     if src == dst or nbytes == 0:
         return 0.0
-    return cluster.link_between(src, dst).transfer_seconds(nbytes)
+    return cluster.link_between(src, dst).transfer_seconds(nbytes, eff.link_fraction(src, dst))
 
 
 def combine(
@@ -150,11 +175,12 @@ def combine(
     moves: Sequence[tuple[str, object, object, int, str]],
     cluster: Cluster,
     new_tokens: int,
+    eff: Efficiency,
 ) -> Estimate:
     """Phase times from compute seconds and the moves of one run."""
     transfer = defaultdict(float)
     for phase, src, dst, n, kind in moves:
-        transfer[phase] += link_seconds(cluster, src, dst, n)
+        transfer[phase] += link_seconds(cluster, src, dst, n, eff)
     phase_s = {p: phase_compute.get(p, 0.0) + transfer.get(p, 0.0) for p in ("vision", "prefill", "decode", "decode_last")}
     if new_tokens <= 1:
         per_token = 0.0

@@ -193,16 +193,20 @@ class LinkSpec:
         """Per-direction bandwidth in bytes/s."""
         return self.bandwidth_gbs * 1e9
 
-    def transfer_seconds(self, nbytes: int) -> float:
-        """Time to move ``nbytes`` over this link: latency + nbytes / bandwidth.
+    def transfer_seconds(self, nbytes: int, achieved: float = 1.0) -> float:
+        """Time to move ``nbytes`` over this link: latency + nbytes / (bandwidth * achieved).
 
+        ``achieved`` is the fraction of the datasheet rate a copy reaches on this path (the cost
+        model passes its calibrated or assumed factor; 1.0 is the theoretical rate).
         Moving nothing costs nothing (no transfer is issued), hence 0.0 for 0 bytes.
         """
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+        if not 0 < achieved <= 1:
+            raise ValueError(f"achieved fraction must be in (0, 1], got {achieved!r}")
         if nbytes == 0:
             return 0.0
-        return self.latency_us * 1e-6 + nbytes / self.bandwidth
+        return self.latency_us * 1e-6 + nbytes / (self.bandwidth * achieved)
 
 
 # --------------------------------------------------------------------------

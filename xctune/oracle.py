@@ -2,12 +2,19 @@
 
 In the virtual world a plan's end-to-end time is a sum (trace.py): compute of every call on its
 device, plus every logged move whose two ends sit on different devices, each weighted by how
-often its phase runs. For a fixed configuration (GPUs used, main GPU, where the embedding group
-and the head sit, dtypes, offload), the only unknowns are the contiguous layer runs per GPU, and
-the sum splits into per-layer terms, terms between consecutive layers at a run boundary, and
-constants. Memory feasibility of a GPU depends only on its run. Dynamic programming over
-(GPU, layers placed so far, GPU of the last run) then finds the best runs exactly; the
-configurations are enumerated around it.
+often its phase runs. Every GPU-to-GPU move crosses the same link, so a move costs its link time
+exactly when its two ends are on *different* GPUs; which two does not matter.
+
+That makes the sum local to each GPU. A plan is a walk through the GPUs in cluster order: each
+GPU is unused, or holds one contiguous run of decoder layers and some of three *roles* — main
+(the root, root parameters and everything offloaded run there: the lowest GPU used), embed (the
+co-location group) and head. Write every move between different things as "always paid, minus a
+refund where both ends share a GPU": the refunds for role-role and role-layer moves depend only
+on what one GPU holds, and a move between consecutive layers is paid where a run starts. Compute
+and memory are per GPU too. So one dynamic programme over (GPUs so far, layers placed, roles
+placed) finds the best plan of a dtype and offload choice; its cost is GPUs x 8 x 8 min-plus
+products of (L+1)^2 matrices, and the matrices depend only on the GPU's kind (identical GPUs
+share them). Memory feasibility of a GPU depends only on its run and roles.
 
 `brute_force` evaluates every plan of the space with `Trace.evaluate`; tests check that both
 give the same optimum on small cases.
@@ -31,6 +38,10 @@ from .simulate import record_from_estimate
 from .space import SearchSpace
 from .trace import MAIN, InvalidPlan, Trace
 
+MAIN_ROLE, EMBED_ROLE, HEAD_ROLE = 1, 2, 4  # role bits of a GPU's holdings
+ROLE_BITS = (MAIN_ROLE, EMBED_ROLE, HEAD_ROLE)
+ALL_ROLES = MAIN_ROLE | EMBED_ROLE | HEAD_ROLE
+
 
 def phase_weights(new_tokens: int) -> dict[str, float]:
     """How often each traced phase counts in the workload's end-to-end time (see costmodel.combine)."""
@@ -44,8 +55,17 @@ def phase_weights(new_tokens: int) -> dict[str, float]:
 class Optimum:
     plan: Plan | None
     e2e_ms: float
-    configs: int
+    configs: int  # dynamic programmes solved (one per dtype and offload choice); plans, for brute force
     seconds: float
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Leading decoder layers on a tier (they run on the main GPU) and where vision_proj lives."""
+
+    layers: int = 0
+    tier: str | None = None
+    proj: str = "gpu"
 
 
 class Oracle:
@@ -55,6 +75,7 @@ class Oracle:
         self.L = len(self.profile.layers)
         self.layer_hidx = np.array([trace.holder_index[u] for u in self.profile.layers])
         self.w = phase_weights(trace.workload.new_tokens)
+        self.gpus = cluster.gpus[: space.n_gpus]
 
     def dtype_choices(self):
         ds = self.space.dtypes
@@ -73,179 +94,239 @@ class Oracle:
                 out += [(k, tier, proj) for k in range(1, self.L + 1)]
         return out
 
+    def gpu_link(self):
+        """The one link every GPU-to-GPU move crosses (the programme relies on there being one)."""
+        n = len(self.gpus)
+        links = {self.cluster.link_between(a, b) for a in range(n) for b in range(n) if a != b}
+        if len(links) > 1:
+            raise RuntimeError("the GPUs are joined by links of different kinds: the dynamic programme "
+                               "assumes one GPU-to-GPU link")
+        return links.pop() if links else None
+
     def solve(self) -> Optimum:
         t0 = time.perf_counter()
-        best_cost, best_plan, configs = math.inf, None, 0
+        link = self.gpu_link()
+        best_cost, best_plan, programmes = math.inf, None, 0
         for dtypes in self.dtype_choices():
-            ctx = _Context(self, dtypes)
-            for n in range(1, self.space.n_gpus + 1):
-                for k, tier, proj in self.offload_choices():
-                    for m in range(n):
-                        for e in range(m, n):
-                            if proj != "gpu" and e != 0:
-                                continue  # an offloaded vision_proj runs on the main GPU: embeddings must be there
-                            for h in range(m, n):
-                                configs += 1
-                                cost, counts = ctx.best_runs(n, m, e, h, k, tier, proj)
-                                if cost < best_cost:
-                                    best_cost = cost
-                                    best_plan = self.space.build(counts, e, h, dtypes, k, tier, proj, label="optimum")
-        return Optimum(best_plan, best_cost * 1e3, configs, time.perf_counter() - t0)
+            tables = _DtypeTables(self, dtypes)
+            for k, tier, proj in self.offload_choices():
+                programmes += 1
+                cost, walk = _Programme(tables, Offload(k, tier, proj), link).solve()
+                if cost < best_cost:
+                    best_cost = cost
+                    best_plan = self._plan(walk, dtypes, Offload(k, tier, proj))
+        return Optimum(best_plan, best_cost * 1e3, programmes, time.perf_counter() - t0)
+
+    def _plan(self, walk, dtypes, off: Offload) -> Plan:
+        """A plan from the programme's walk: per GPU, (layers held, roles held)."""
+        counts = [c for c, _ in walk]
+        embed = next(i for i, (_, r) in enumerate(walk) if r & EMBED_ROLE)
+        head = next(i for i, (_, r) in enumerate(walk) if r & HEAD_ROLE)
+        return self.space.build(counts, embed, head, dtypes, off.layers, off.tier, off.proj, label="optimum")
 
 
-class _Context:
-    """Everything about one dtype choice that the configurations share."""
+class _DtypeTables:
+    """What every programme of one dtype choice shares: priced calls per GPU kind, weights, recording."""
 
     def __init__(self, oracle: Oracle, dtypes: dict):
         self.o, self.dtypes = oracle, dtypes
         tr, prof = oracle.trace, oracle.profile
         probe = Plan({u.name: 0 for u in prof.units}, dtypes, oracle.space.options.skip_keys)
         self.rec = rec = tr.recording(probe)
-        self.n_dev = len(oracle.cluster.gpus)
         calls = rec.run.calls
-        self.wc = np.array([oracle.w.get(c.phase, 0.0) for c in calls])
+        self.call_weight = np.array([oracle.w.get(c.phase, 0.0) for c in calls])
         holder_dtype = [dtypes["lm"]] + [dtypes[prof.group_of(u)] for u in tr.units]
-        # S[c, d]: weighted seconds of call c on GPU d
-        self.S = np.zeros((len(calls), self.n_dev))
-        for d in range(self.n_dev):
-            gpu = oracle.cluster.gpus[d]
-            for i in range(len(calls)):
-                self.S[i, d] = self.wc[i] * tr.call_seconds(probe, i, gpu, holder_dtype[rec.holder[i]], oracle.eff)
-        self.layer_of_holder = {int(h): i for i, h in enumerate(oracle.layer_hidx)}
-        self.call_layer = np.array([self.layer_of_holder.get(int(h), -1) for h in rec.holder])
-        self.unit_w = {u.name: (u.param_bytes(dtypes[u.group]), u.buffer_bytes(dtypes[u.group])) for u in prof.units}
-        self._cache: dict = {}
+        self.kinds = list(dict.fromkeys(oracle.gpus))  # identical GPUs share every table
+        # seconds[kind][c]: weighted seconds of call c on a GPU of that kind
+        self.seconds = {
+            g: self.call_weight * np.array([tr.call_seconds(probe, i, g, holder_dtype[rec.holder[i]], oracle.eff)
+                                            for i in range(len(calls))])
+            for g in self.kinds
+        }
+        self.unit_bytes = {u.name: (u.param_bytes(dtypes[u.group]), u.buffer_bytes(dtypes[u.group])) for u in prof.units}
 
-    # --- per configuration -----------------------------------------------------------------
-    def holder_devices(self, m, e, h, k, tier, proj):
-        """Devices of the holders that do not depend on the layer runs; -1 for GPU layers."""
-        tr, prof = self.o.trace, self.o.profile
-        dev = np.full(len(tr.holders), -1)
-        dev[tr.holder_index[MAIN]] = m
-        for u in prof.units:
-            i = tr.holder_index[u.name]
+
+class _Programme:
+    """The dynamic programme for one dtype and offload choice (see the module docstring)."""
+
+    def __init__(self, tables: _DtypeTables, off: Offload, link):
+        self.t, self.off, self.link = tables, off, link
+        o = tables.o
+        self.o, self.rec, self.L, self.k = o, tables.rec, o.L, off.layers
+        self._roles()
+        self._moves()
+
+    # --- what each holder is ---------------------------------------------------------------
+    def _roles(self):
+        """role[h]: the role bit of holder h, or 0 for a decoder layer on a GPU (layer[h] says which)."""
+        o, tr, off = self.o, self.o.trace, self.off
+        H = len(tr.holders)
+        self.role = np.zeros(H, dtype=int)
+        self.layer = np.full(H, -1)
+        self.offloaded = np.zeros(H, dtype=bool)
+        self.role[tr.holder_index[MAIN]] = MAIN_ROLE
+        for u in o.profile.units:
             if u.is_parameter:
-                dev[i] = m
-            elif u.name in ("vit", "model.tok_embeddings"):
-                dev[i] = e
-            elif u.name == "vision_proj":
-                dev[i] = e if proj == "gpu" else m
-            elif u.name in ("model.norm", "output"):
-                dev[i] = h
-        for ℓ in range(k):
-            dev[self.o.layer_hidx[ℓ]] = m
-        return dev
+                self.role[tr.holder_index[u.name]] = MAIN_ROLE  # accelerate runs root parameters on the main GPU
+        for name in o.space.group_units["embed"]:
+            if not o.profile.by_name[name].is_parameter:
+                self.role[tr.holder_index[name]] = EMBED_ROLE
+        for name in o.space.group_units["head"]:
+            self.role[tr.holder_index[name]] = HEAD_ROLE
+        if off.proj != "gpu":
+            self.role[tr.holder_index["vision_proj"]] = MAIN_ROLE
+            self.offloaded[tr.holder_index["vision_proj"]] = True
+        for ℓ, h in enumerate(o.layer_hidx):
+            if ℓ < self.k:
+                self.role[h], self.offloaded[h] = MAIN_ROLE, True
+            else:
+                self.layer[h] = ℓ
+        # roles that a top-level join needs on one GPU (the co-location rule, as the trace saw it)
+        self.joined = []
+        for _, locs, _ in self.rec.run.joins:
+            hs = [tr.holder_index[x] for x in locs]
+            if any(self.layer[h] >= 0 for h in hs):
+                raise RuntimeError("a top-level join takes a decoder layer's output: the dynamic programme does not apply")
+            bits = 0
+            for h in hs:
+                bits |= int(self.role[h])
+            if bin(bits).count("1") > 1:
+                self.joined.append(bits)
 
-    def best_runs(self, n, m, e, h, k, tier, proj):
-        o, rec, L = self.o, self.rec, self.o.L
-        dev = self.holder_devices(m, e, h, k, tier, proj)
-        for _, locs, _ in rec.run.joins:  # the co-location rule, as the trace saw it
-            if len({int(dev[o.trace.holder_index[x]]) for x in locs}) > 1:
-                return math.inf, None
-        fixed = dev >= 0
-        offloaded = np.zeros(len(dev), dtype=bool)
-        if proj != "gpu":
-            offloaded[o.trace.holder_index["vision_proj"]] = True
-        offloaded[o.layer_hidx[:k]] = True
-
-        # compute: fixed holders are constant, GPU layers cost per (layer, device)
-        call_fixed = fixed[rec.holder]
-        const = float(self.S[call_fixed, dev[rec.holder[call_fixed]]].sum())
-        layer_cost = np.zeros((L, self.n_dev))
-        np.add.at(layer_cost, self.call_layer[~call_fixed], self.S[~call_fixed])
-
-        # moves: constant, per layer (one fixed end), or at a run boundary (consecutive layers)
-        pair = {}  # layer j -> weighted bytes per phase of the moves between layers j-1 and j, by direction
+    # --- moves: always paid, minus refunds where both ends share a GPU -----------------------
+    def _moves(self):
+        o, rec, L = self.o, self.rec, self.L
+        self.const = 0.0
+        self.role_pair = {}  # (bits of two roles) -> seconds refunded when one GPU holds both
+        self.role_layer = np.zeros((8, L))  # [role bit, layer] -> seconds refunded when they share a GPU
+        self.boundary = np.zeros(L + 1)  # [j] -> seconds paid when a run starts at layer j > k
         for idx, mv in enumerate(rec.run.moves):
             s, d = int(rec.move_src[idx]), int(rec.move_dst[idx])
-            wgt, nbytes = o.w.get(mv.phase, 0.0), int(rec.move_bytes[idx])
+            wgt = o.w.get(mv.phase, 0.0)
             if not wgt:
                 continue
-            if fixed[s] and fixed[d]:
-                const += wgt * link_seconds(o.cluster, int(dev[s]), int(dev[d]), nbytes)
-            elif fixed[s] or fixed[d]:
-                ℓ = self.layer_of_holder[d if fixed[s] else s]
-                other = int(dev[s] if fixed[s] else dev[d])
-                for x in range(self.n_dev):
-                    a, b = (other, x) if fixed[s] else (x, other)
-                    layer_cost[ℓ, x] += wgt * link_seconds(o.cluster, a, b, nbytes)
-            else:
-                ls, ld = self.layer_of_holder[s], self.layer_of_holder[d]
+            secs = wgt * self.link.transfer_seconds(int(rec.move_bytes[idx]), o.eff.gpu_link) if self.link else 0.0
+            rs, rd, ls, ld = self.role[s], self.role[d], self.layer[s], self.layer[d]
+            if rs and rd:
+                if rs != rd:
+                    self.const += secs
+                    key = rs | rd
+                    self.role_pair[key] = self.role_pair.get(key, 0.0) + secs
+            elif rs or rd:
+                self.const += secs
+                self.role_layer[rs or rd, ld if rs else ls] += secs
+            elif ls != ld:
                 if abs(ls - ld) != 1:
                     raise RuntimeError("a move between non-adjacent layers: the dynamic programme does not apply")
-                pair.setdefault(max(ls, ld), []).append((wgt, nbytes, ls < ld))
-        for i in np.nonzero(offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
-            t = tier if self.call_layer[i] >= 0 else proj
-            for chunk in rec.run.calls[i].weight_chunks:
-                const += self.wc[i] * link_seconds(o.cluster, t, m, chunk)
-        cum = np.vstack([np.zeros(self.n_dev), np.cumsum(layer_cost, axis=0)])
+                self.boundary[max(ls, ld)] += secs
+        calls = rec.run.calls
+        layer_holders = set(o.layer_hidx.tolist())
+        for i in np.nonzero(self.offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
+            tier = self.off.tier if int(rec.holder[i]) in layer_holders else self.off.proj
+            for chunk in calls[i].weight_chunks:  # streamed to the main GPU at every call: the same link for any GPU
+                self.const += self.t.call_weight[i] * link_seconds(o.cluster, tier, 0, chunk, o.eff)
+        self.role_layer_cum = np.hstack([np.zeros((8, 1)), np.cumsum(self.role_layer, axis=1)])
 
-        def pair_cost(j, a, b):
-            return sum(w * link_seconds(o.cluster, a if fwd else b, b if fwd else a, nb) for w, nb, fwd in pair.get(j, ()))
+    # --- one GPU: the cost of holding roles R and layers [a, b) ------------------------------
+    def step_costs(self, gpu) -> dict[int, np.ndarray]:
+        """For each allowed role set R: an (L+1) x (L+1) matrix of seconds, [a, b] for the run [a, b) (inf: not allowed)."""
+        t, L, k = self.t, self.L, self.k
+        sec = t.seconds[gpu]
+        call_layer = self.layer[self.rec.holder]
+        layer_sec = np.zeros(L)
+        np.add.at(layer_sec, call_layer[call_layer >= 0], sec[call_layer >= 0])
+        layer_cum = np.concatenate([[0.0], np.cumsum(layer_sec)])
+        role_sec = {bit: float(sec[self.role[self.rec.holder] == bit].sum()) for bit in ROLE_BITS}
+        a = np.arange(L + 1)[:, None]
+        b = np.arange(L + 1)[None, :]
+        run = layer_cum[b] - layer_cum[a] + np.where((b > a) & (a > k), self.boundary[np.minimum(a, L)], 0.0)
+        valid = (b >= a) & (a >= k)
+        out = {}
+        for R in range(8):
+            if any(R & j and R & j != j for j in self.joined):
+                continue  # a join split across GPUs
+            cost = run.copy()
+            for bit in ROLE_BITS:
+                if R & bit:
+                    cost += role_sec[bit] - (self.role_layer_cum[bit][b] - self.role_layer_cum[bit][a])
+            cost -= sum(s for pair, s in self.role_pair.items() if R & pair == pair)
+            ok = valid & self.fits(gpu, R)
+            if R in (0, MAIN_ROLE):
+                ok &= b > a  # an unused GPU is a skip; the main GPU holds some unit
+            out[R] = np.where(ok, cost, np.inf)
+        return out
 
-        # dynamic programme over devices m..n-1
-        states = {(k, m if k > 0 else None): (0.0, [])}
-        for i in range(m, n):
-            nxt: dict = {}
-            for (j, last), (cost, counts) in states.items():
-                ok = self.feasible(i, j, dev, offloaded, m, proj)
-                choices = range(0, L - j + 1) if i < n - 1 else [L - j]
-                for c in choices:
-                    if not ok[j + c]:
-                        continue
-                    if i == m and c == 0 and m not in (e, h):
-                        continue  # the main device must hold something
-                    add = float(cum[j + c, i] - cum[j, i])
-                    if c > 0 and last is not None and last != i:
-                        add += pair_cost(j, last, i)
-                    key = (j + c, i if c > 0 else last)
-                    if key not in nxt or cost + add < nxt[key][0]:
-                        nxt[key] = (cost + add, counts + [c])
-            states = nxt
-        best = min(((c, cnt) for (j, _), (c, cnt) in states.items() if j == L), default=(math.inf, None), key=lambda x: x[0])
-        if best[1] is None:
-            return math.inf, None
-        counts = [0] * m + best[1]
-        return const + best[0], counts
-
-    def feasible(self, i, a, dev, offloaded, m, proj) -> np.ndarray:
-        """For GPU i running layers [a, b): does it fit, for every b >= a (index b)."""
-        key = (i, a, tuple(dev), m, proj)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        o, rec, L = self.o, self.rec, self.o.L
-        on_i = dev == i
-        base = rec.live[:, on_i].sum(axis=1)
-        T = rec.transient + np.where(offloaded[rec.holder], rec.weight_chunk_max, 0.0)
-        call_on_i = on_i[rec.holder]
-        base = base + np.where(call_on_i, T, 0.0)
-        gpu_layer = self.call_layer >= 0
-        gpu_layer &= dev[rec.holder] < 0
-        live_layers = rec.live[:, o.layer_hidx]  # [C, L]
-        cum_live = np.hstack([np.zeros((len(base), 1)), np.cumsum(live_layers, axis=1)])
-        G = np.zeros((len(base), L + 1))
+    def fits(self, gpu, R: int) -> np.ndarray:
+        """[a, b]: does a GPU of this kind hold roles R and layers [a, b) within its usable memory?"""
+        o, rec, L = self.o, self.rec, self.L
+        here = (self.role & R) > 0  # holders on this GPU besides the run's layers
+        extra = rec.transient + np.where(self.offloaded[rec.holder], rec.weight_chunk_max, 0.0)
+        base = rec.live[:, here].sum(axis=1) + np.where(here[rec.holder], extra, 0.0)  # [C]
+        cum_live = np.hstack([np.zeros((len(base), 1)), np.cumsum(rec.live[:, o.layer_hidx], axis=1)])  # [C, L+1]
+        call_layer = self.layer[rec.holder]
+        own = np.zeros((len(base), L + 1))  # [C, x]: a call's transient counts where its layer is below x
         for x in range(L + 1):
-            G[:, x] = np.where(gpu_layer & (self.call_layer < x), T, 0.0)
-        seg = (cum_live - cum_live[:, [a]]) + (G - G[:, [a]])
-        peak = (base[:, None] + seg).max(axis=0)  # [L + 1]
-        # weights on GPU i: fixed units there, plus the run's layers
-        w_fixed = 0
-        prof = o.profile
-        for u in prof.units:
-            hd = dev[o.trace.holder_index[u.name]]
-            if hd < 0:
-                continue
-            p, b = self.unit_w[u.name]
-            param_here = (hd == i) and not offloaded[o.trace.holder_index[u.name]]
-            w_fixed += (p if param_here else 0) + (b if hd == i else 0)
-        layer_w = np.array([sum(self.unit_w[u]) for u in prof.layers], dtype=np.float64)
+            own[:, x] = np.where((call_layer >= 0) & (call_layer < x), extra, 0.0)
+        at = cum_live + own  # [C, L+1]
+        peak = (base[:, None, None] + at[:, None, :] - at[:, :, None]).max(axis=0)  # [a, b]
+        fixed = 0
+        for u in o.profile.units:
+            h = o.trace.holder_index[u.name]
+            if here[h]:
+                p, buf = self.t.unit_bytes[u.name]
+                fixed += buf + (0 if self.offloaded[h] else p)
+        layer_w = np.array([sum(self.t.unit_bytes[u]) for u in o.profile.layers], dtype=np.float64)
         cum_w = np.concatenate([[0.0], np.cumsum(layer_w)])
-        weights = w_fixed + (cum_w - cum_w[a])
-        ok = weights + peak <= o.cluster.usable_bytes(i)
-        ok[:a] = False
-        self._cache[key] = ok
-        return ok
+        weights = fixed + cum_w[None, :] - cum_w[:, None]
+        usable = o.cluster.usable_bytes(o.gpus.index(gpu))
+        return weights + peak <= usable
+
+    # --- the programme ---------------------------------------------------------------------
+    def solve(self) -> tuple[float, list | None]:
+        L, k = self.L, self.k
+        gpus = self.o.gpus
+        steps = {g: self.step_costs(g) for g in dict.fromkeys(gpus)}
+        V = np.full((8, L + 1), np.inf)  # [roles placed, layers placed]
+        V[0, k] = 0.0
+        back = []  # per GPU: {(placed, b): (previous placed, a, roles here)}
+        for i, g in enumerate(gpus):
+            new = V.copy()  # the GPU unused
+            choice = {}
+            for placed in range(8):
+                if not np.isfinite(V[placed]).any():
+                    continue
+                for R, M in steps[g].items():
+                    if R & placed:
+                        continue
+                    if not placed & MAIN_ROLE and not R & MAIN_ROLE:
+                        continue  # the first GPU used is the main GPU
+                    if placed & MAIN_ROLE and R & MAIN_ROLE:
+                        continue
+                    if self.off.proj != "gpu" and R & EMBED_ROLE and i != 0:
+                        continue  # an offloaded vision_proj runs on GPU 0: its join partner must be there
+                    total = V[placed][:, None] + M
+                    a_best = total.argmin(axis=0)
+                    val = total[a_best, np.arange(L + 1)]
+                    to = placed | R
+                    better = val < new[to]
+                    for bb in np.nonzero(better)[0]:
+                        choice[(to, int(bb))] = (placed, int(a_best[bb]), R)
+                    new[to] = np.where(better, val, new[to])
+            back.append(choice)
+            V = new
+        best = float(V[ALL_ROLES, L])
+        if not math.isfinite(best):
+            return math.inf, None
+        walk = [(0, 0)] * len(gpus)
+        placed, b = ALL_ROLES, L
+        for i in range(len(gpus) - 1, -1, -1):
+            hit = back[i].get((placed, b))
+            if hit is None:
+                continue  # unused GPU
+            prev, a, R = hit
+            walk[i] = (b - a, R)
+            placed, b = prev, a
+        return self.const + best, walk
 
 
 def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency) -> float | None:

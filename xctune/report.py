@@ -52,6 +52,7 @@ def collect_rows(study: optuna.Study, objectives) -> list[dict]:
         base = {
             "trial": t.number,
             "baseline": t.user_attrs.get("baseline"),
+            "baseline_keys": t.user_attrs.get("baseline_keys"),
             "seed_plan": t.user_attrs.get("seed"),
             "state": t.state.name,
             "_plan": plan,
@@ -77,8 +78,9 @@ def collect_rows(study: optuna.Study, objectives) -> list[dict]:
 
 
 def pick_best(result, evaluator) -> None:
-    """The best feasible trial; in the virtual world it must also pass the full dry run (`check`)."""
-    from .check import check
+    """The best feasible trial; in the virtual world it must also pass the full dry run (`check`),
+    whose verdict is kept beside the traces: a warm search of the same study does not rerun it."""
+    from .check import check_verdict
 
     spec = result.spec
     key = FIRST[spec.objectives[0]]
@@ -94,29 +96,64 @@ def pick_best(result, evaluator) -> None:
         if spec.real:
             result.best, result.best_plan, result.verified = r, plan, "measured on this machine"
             return
-        report = check(plan, result.profile, result.cluster, spec.workload)
-        if report.ok:
+        verdict = check_verdict(plan, result.profile, result.cluster, spec.workload, evaluator.trace.cache_dir)
+        if verdict.ok:
             result.best, result.best_plan = r, plan
-            result.verified = "passes xctune check (static rules + dry run on virtual GPUs)"
+            result.verified = "passes xctune check (static rules + dry run on virtual GPUs" + \
+                ("; verdict kept from an earlier run of the same plan)" if verdict.cached else ")")
             return
         r["feasible"] = False
-        r["cause"] = "rejected by the dry run: " + "; ".join(f.message for f in report.errors)[:300]
+        r["cause"] = "rejected by the dry run: " + "; ".join(verdict.errors)[:300]
 
 
 def _ratio_rows(result) -> list[dict]:
+    """One row per baseline and precision: its objective value and its ratio to the best, or why it has none."""
     best = result.best
     out = []
     key = FIRST[result.spec.objectives[0]]
     for r in result.records:
         if not r.get("baseline"):
             continue
-        row = {"baseline": r["baseline"], "status": r.get("status"), "feasible": bool(r.get("feasible"))}
-        if best and r.get("status") == "ok" and r.get(key):
-            row[key] = r.get(key)
-            row["ratio"] = r[key] / best[key] if best.get(key) else None
-        else:
-            row["cause"] = r.get("cause", "")
-        out.append(row)
+        for bkey in r.get("baseline_keys") or [r["baseline"]]:
+            name, _, dtype = bkey.rpartition(" @ ") if " @ " in bkey else (bkey, "", result.spec.baseline_dtype)
+            row = {"baseline": name, "dtype": dtype, "trial": r.get("trial"), "status": r.get("status"),
+                   "feasible": bool(r.get("feasible"))}
+            if best and r.get("status") == "ok" and r.get(key):
+                row[key] = r.get(key)
+                row["ratio"] = r[key] / best[key] if best.get(key) else None
+            else:
+                row["cause"] = r.get("cause", "")
+            out.append(row)
+    return out
+
+
+def baseline_gains(result) -> list[dict]:
+    """Per baseline: the gain of the best plan split into placement and precision.
+
+    - placement: the baseline at the best plan's precision (its language model's dtype; baselines are
+      uniform) over the best — what the map alone buys;
+    - precision: the baseline in the study's baseline dtype over the same baseline at the best's
+      precision — what the dtype alone buys;
+    - total: the baseline in the baseline dtype over the best (placement x precision where both exist).
+    A baseline that does not fit or run at one precision is still compared at the others."""
+    if not result.best or result.best_plan is None:
+        return []
+    key = FIRST[result.spec.objectives[0]]
+    same, base = result.best_plan.dtypes["lm"], result.spec.baseline_dtype
+    rows = _ratio_rows(result)
+    out = []
+    order = list(dict.fromkeys([base, *result.space.dtypes]))
+    for name in dict.fromkeys(r["baseline"] for r in rows):
+        at = {r["dtype"]: r for r in rows if r["baseline"] == name}
+        at = {d: at[d] for d in sorted(at, key=lambda d: order.index(d) if d in order else len(order))}
+        gain = {"baseline": name, "best_precision": same, "baseline_dtype": base,
+                "ratios": {d: r.get("ratio") for d, r in at.items()},
+                "status": {d: r["status"] for d, r in at.items()}}
+        gain["placement"] = at.get(same, {}).get("ratio")
+        gain["total"] = at.get(base, {}).get("ratio")
+        a, b = at.get(base, {}).get(key), at.get(same, {}).get(key)
+        gain["precision"] = a / b if a and b else None
+        out.append(gain)
     return out
 
 
@@ -195,6 +232,7 @@ def _best_plan_doc(result) -> dict:
         "verified": result.verified,
         "record": {k: v for k, v in best.items() if k != "_plan"},
         "baselines": _ratio_rows(result),
+        "gains": baseline_gains(result),
         "how_to_load": "json.load(open('best_map.json')) as device_map= of from_pretrained; see load_best_map.py "
                        "for the skip keys that keep the KV cache in place",
     }
@@ -218,6 +256,7 @@ def _markdown(df, result) -> str:
             ("dtypes.lm", "lm dtype"), ("e2e_ms", "e2e ms"), ("decode_ms_per_token", "decode ms/tok"),
             ("peak_bytes_max", "peak"), ("transfer_bytes", "moved"), ("fidelity_top1", "top-1")]
     cols = [(c, h) for c, h in cols if c in df.columns]
+    lines += _gains_markdown(result)
     lines.append("| " + " | ".join(h for _, h in cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for _, r in df.iterrows():
@@ -305,11 +344,7 @@ def summary(result) -> str:
     lines.append(f"      e2e {best['e2e_ms']:.1f} ms (prefill {best['prefill_ms']:.1f}, decode {best['decode_ms_per_token']:.2f} ms/token), "
                  f"peak {fmt_bytes(best['peak_bytes_max'])}, moved {fmt_bytes(best['transfer_bytes'])}  [{best.get('source')}]")
     lines.append(f"      {result.verified}")
-    for row in _ratio_rows(result):
-        if "ratio" in row and row["ratio"]:
-            lines.append(f"  vs {row['baseline']:<38} {row['ratio']:.2f}x the best's {key}")
-        else:
-            lines.append(f"  vs {row['baseline']:<38} {row['status']}: {str(row.get('cause', ''))[:110]}")
+    lines += _gain_lines(result, key)
     if len(spec.objectives) > 1:
         front = sorted((r for r in result.records if r.get("pareto") and r.get("feasible")), key=lambda r: r.get("e2e_ms", 0))
         lines.append(f"Pareto front ({', '.join(spec.objectives)}): {len(front)} feasible trial(s)")
@@ -329,3 +364,45 @@ def summary(result) -> str:
         lines.append(f"in fp32 (outputs unchanged): {tried}exact fp32 optimum {o.e2e_ms:.1f} ms "
                      f"({layout(o.plan, result.profile)}), {o.e2e_ms / best['e2e_ms']:.2f}x the best's latency")
     return "\n".join(lines)
+
+
+def _gain_lines(result, key: str) -> list[str]:
+    """The baselines against the best, per precision, with the gain split into placement and precision."""
+    gains = baseline_gains(result)
+    if not gains:
+        return []
+    same, base = gains[0]["best_precision"], gains[0]["baseline_dtype"]
+    lines = [f"  baselines, {key} over the best's (placement: at the best's precision, {same}; "
+             f"precision: {base} -> {same}, same map):"]
+    causes = {(r["baseline"], r["dtype"]): r.get("cause", "") for r in _ratio_rows(result)}
+    for g in gains:
+        cells = [f"{d} {g['ratios'][d]:.2f}x" if g["ratios"][d] else f"{d} {g['status'][d]}" for d in g["ratios"]]
+        split = []
+        if g["placement"]:
+            split.append(f"placement {g['placement']:.2f}x")
+        if g["precision"]:
+            split.append(f"precision {g['precision']:.2f}x")
+        lines.append(f"  vs {g['baseline']:<34} {' | '.join(cells):<40} {', '.join(split)}".rstrip())
+        for d in g["ratios"]:
+            if not g["ratios"][d] and causes.get((g["baseline"], d)):
+                lines.append(f"       {d}: {str(causes[(g['baseline'], d)])[:110]}")
+    return lines
+
+
+def _gains_markdown(result) -> list[str]:
+    """The leaderboard's head: each baseline per precision, and the best's gain split into placement and precision."""
+    gains = baseline_gains(result)
+    if not gains:
+        return []
+    key = FIRST[result.spec.objectives[0]]
+    dtypes = list(dict.fromkeys(d for g in gains for d in g["ratios"]))
+    lines = [f"Baselines, {key} over the best's, per precision; placement = at the best's precision "
+             f"({gains[0]['best_precision']}), precision = {gains[0]['baseline_dtype']} -> {gains[0]['best_precision']} "
+             f"on the same map:", "",
+             "| baseline | " + " | ".join(dtypes) + " | placement gain | precision gain |",
+             "|---|" + "---|" * (len(dtypes) + 2)]
+    for g in gains:
+        cells = [(f"{g['ratios'][d]:.3f}x" if g["ratios"][d] else g["status"][d]) if d in g["ratios"] else "" for d in dtypes]
+        split = [f"{g[k]:.3f}x" if g[k] else "" for k in ("placement", "precision")]
+        lines.append(f"| {g['baseline']} | " + " | ".join(cells + split) + " |")
+    return lines + [""]

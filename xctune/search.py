@@ -80,8 +80,13 @@ class VirtualEvaluator:
         return record_from_estimate(est, plan, self.profile, self.cluster, self.spec.workload, self.trace.weights(plan), label=label)
 
     def outside(self, plan: Plan, label: str) -> TrialRecord:
-        """A plan the space cannot express (accelerate's raw map): the full dry run judges it."""
-        return simulate(self.profile, plan, self.spec.workload, self.cluster, self.eff, label=label)
+        """A plan the space cannot express (accelerate's raw map). The trace judges it where it can: its
+        verdicts are the dry run's (tested on field and random maps); a map that splits a unit needs the dry run."""
+        try:
+            self.trace.unit_devices(plan)
+        except InvalidPlan:
+            return simulate(self.profile, plan, self.spec.workload, self.cluster, self.eff, label=label)
+        return self(plan, label)
 
     def precheck(self, plan: Plan) -> str | None:
         return None
@@ -218,8 +223,9 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         evaluator = RealEvaluator(spec, profile, cluster, eff, cache, model_spec)
     else:
         evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache)
-    study = open_study(spec)
-    _check_identity(study, spec, cluster)
+    stored = open_study(spec)
+    _check_identity(stored, spec, cluster)
+    study, copied = _working_study(stored, spec)
     result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
@@ -256,6 +262,8 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         study.optimize(objective, n_trials=n, show_progress_bar=bar, catch=(RuntimeError,), callbacks=callbacks)
     except KeyboardInterrupt:
         result.interrupted = True
+    finally:
+        _write_back(study, stored, copied)
     result.new_trials = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]) - before
     from .report import collect_rows, pick_best
 
@@ -275,6 +283,35 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
             log(f"no exact optimum: {e}")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _working_study(stored: optuna.Study, spec: StudySpec) -> tuple[optuna.Study, int]:
+    """The study the trials run in, and how many stored trials it starts with.
+
+    An RDB storage writes every step of a trial in its own transaction (ask, each parameter, each
+    attribute, the constraints, the values): ~0.1 s a trial with SQLite on this machine, more than
+    the trial itself. Where the study is this process's own (the default SQLite file, no --storage)
+    and nothing is queued or running in it, the search runs in memory from a copy and its new
+    trials are written back in one batch at the end (`_write_back`), interrupted or not. A shared
+    storage (--storage) is used directly, so that workers see each other's trials."""
+    busy = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if spec.storage is not None or any(t.state in busy for t in stored.trials):
+        return stored, 0
+    work = optuna.create_study(directions=stored.directions, sampler=_sampler(spec))
+    work.add_trials(stored.trials)
+    for key, value in stored.user_attrs.items():
+        work.set_user_attr(key, value)
+    return work, len(stored.trials)
+
+
+def _write_back(work: optuna.Study, stored: optuna.Study, copied: int) -> None:
+    """The in-memory study's new trials and study attributes, into the stored study."""
+    if work is stored:
+        return
+    stored.add_trials(work.trials[copied:])
+    for key, value in work.user_attrs.items():
+        if stored.user_attrs.get(key) != value:
+            stored.set_user_attr(key, value)
 
 
 def study_identity(spec: StudySpec, cluster: Cluster) -> dict:
@@ -322,42 +359,58 @@ def _progress_lines(total: int, log):
     return callback
 
 
+def baseline_precisions(spec: StudySpec, space: SearchSpace) -> list[str]:
+    """Each baseline runs in the study's baseline dtype and in every precision the space allows, so that
+    a gain can be split into placement (same precision) and precision (same map)."""
+    return list(dict.fromkeys([spec.baseline_dtype, *space.dtypes]))
+
+
+def baseline_key(name: str, dtype: str) -> str:
+    """One baseline at one precision, as the leaderboard labels it: `authors @ fp16`."""
+    return f"{name} @ {dtype}"
+
+
 def _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log) -> int:
-    """Queue every baseline that is not in the study yet; record the raw maps the space cannot express."""
-    done = {t.user_attrs.get("baseline") for t in study.trials}
-    done |= {r.get("label") for r in study.user_attrs.get("outside", [])}
+    """Queue every baseline at every precision that is not in the study yet; record the raw maps the space
+    cannot express. Baselines that land on the same plan are one trial (`authors = single @ fp16`)."""
+    done = set()
+    for t in study.trials:
+        done.update(t.user_attrs.get("baseline_keys") or [t.user_attrs.get("baseline")])
+    done |= {r.get("baseline") for r in study.user_attrs.get("outside", [])}
     by_params: dict[tuple, list[str]] = {}
     params_of: dict[tuple, dict] = {}
     outside = list(study.user_attrs.get("outside", []))
-    for name in spec.baselines:
-        try:
-            plan = baseline_plan(name, profile, cluster, spec.baseline_dtype)
-        except BadInput as e:
-            log(f"baseline {name}: {e}")
-            continue
-        plan = Plan(plan.device_map, plan.dtypes, spec.space.skip_keys, name)
-        params = space.params_of(plan)
-        if params is None:
-            # outside the space: accelerate's raw map (say why), and its nearest valid repair
-            if name not in done:
-                rec = evaluator.outside(plan, name)
-                outside.append({**rec.to_dict(), "baseline": name})
-            fixed = Plan(repair(plan.device_map, profile), plan.dtypes, plan.skip_keys, f"{name} (repaired)")
-            params = space.params_of(fixed)
-            name = f"{name} (repaired)"
-            if params is None:
+    for dtype in baseline_precisions(spec, space):
+        for name in spec.baselines:
+            try:
+                plan = baseline_plan(name, profile, cluster, dtype)
+            except BadInput as e:
+                log(f"baseline {name} in {dtype}: {e}")
                 continue
-        key = tuple(sorted(params.items()))
-        by_params.setdefault(key, []).append(name)
-        params_of[key] = params
+            key = baseline_key(name, dtype)
+            plan = Plan(plan.device_map, plan.dtypes, spec.space.skip_keys, key)
+            params = space.params_of(plan)
+            if params is None:
+                # outside the space: accelerate's raw map (say why), and its nearest valid repair
+                if key not in done:
+                    rec = evaluator.outside(plan, key)
+                    outside.append({**rec.to_dict(), "baseline": key, "baseline_keys": [key]})
+                key = baseline_key(f"{name} (repaired)", dtype)
+                params = space.params_of(Plan(repair(plan.device_map, profile), plan.dtypes, plan.skip_keys, key))
+                if params is None:
+                    continue
+            group = tuple(sorted(params.items()))
+            by_params.setdefault(group, []).append(key)
+            params_of[group] = params
     if outside:
         study.set_user_attr("outside", outside)
     queued = 0
-    for key, names in by_params.items():
-        label = " = ".join(names)
-        if label in done or any(n in done for n in names):
+    for group, keys in by_params.items():
+        if any(k in done for k in keys):
             continue
-        study.enqueue_trial(params_of[key], user_attrs={"baseline": label}, skip_if_exists=False)
+        dtypes = {k.rsplit(" @ ", 1)[1] for k in keys}
+        label = " = ".join(k.rsplit(" @ ", 1)[0] for k in keys) + f" @ {dtypes.pop()}" if len(dtypes) == 1 else " = ".join(keys)
+        study.enqueue_trial(params_of[group], user_attrs={"baseline": label, "baseline_keys": keys}, skip_if_exists=False)
         queued += 1
     return queued
 

@@ -23,7 +23,7 @@ def estimate_run(run: VirtualRun, plan: Plan, profile: ModelProfile, cluster: Cl
 
     compute = price_calls(run.calls, lambda c: cluster.gpus[c.loc], dtype_of, eff)
     moves = [(m.phase, m.src, m.dst, m.nbytes, m.kind) for m in run.moves if m.phase != "setup"]
-    est = combine(compute, moves, cluster, run.workload.new_tokens)
+    est = combine(compute, moves, cluster, run.workload.new_tokens, eff)
     est.peak_bytes, est.kv_bytes = dict(run.peak_bytes), dict(run.kv_bytes)
     return est
 

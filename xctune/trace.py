@@ -219,7 +219,7 @@ class Trace:
         for i in np.nonzero(offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
             # one load per module that owns parameters, as accelerate's offload hooks do it
             moves.extend((calls[i].phase, tier[rec.holder[i]], main, n, "weights") for n in calls[i].weight_chunks)
-        est = combine(phase_compute, moves, cluster, self.workload.new_tokens)
+        est = combine(phase_compute, moves, cluster, self.workload.new_tokens, eff)
 
         # memory: live bytes per device at every call boundary, plus the call's own transient
         n_dev = len(cluster.gpus)

@@ -15,5 +15,3 @@ model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torc
 hook = getattr(model, "_hf_hook", None)
 if hook is not None:  # the root hook sends outputs back to the first GPU: not the cache
     hook.skip_keys = ["past_key_values", "cache"]
-# The plan mixes precisions (bf16/fp16/fp16): cast each group as best_plan.json says,
-# e.g. model.vit.to(torch.bfloat16); xctune's placement adds the casts between groups.
