@@ -240,6 +240,8 @@ def cmd_search(args) -> int:
         print(summary(result))
         print("written: " + ", ".join(str(Path(p)) for p in files.values()))
     if result.interrupted:
+        print(f"xctune: interrupted: the finished trials are kept in {mask_url(spec.storage_url)} and the outputs "
+              f"written; the same command resumes (the interrupted trial first)", file=sys.stderr)
         return 130
     return 0 if result.best else 1
 
