@@ -213,7 +213,7 @@ def build_cluster(spec: StudySpec) -> Cluster:
 def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResult:
     t0 = time.perf_counter()
     check_writable(spec.out_dir)  # the outputs (and the default SQLite study) go there: fail now, not after the trials
-    spec.liveness  # a bad heartbeat is bad input before any work
+    storage = open_storage(spec.storage_url, spec.liveness)  # likewise a bad URL or an unreachable server
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     model_spec = resolve_model(spec.model, spec.trust_remote_code)
@@ -227,7 +227,6 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         evaluator = RealEvaluator(spec, profile, cluster, eff, cache, model_spec)
     else:
         evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache)
-    storage = open_storage(spec.storage_url, spec.liveness)
     study, created = open_study(spec, storage)
     if not created:
         _wait_until_ready(study, spec, log)
