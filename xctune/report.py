@@ -48,7 +48,11 @@ def layout(plan: Plan, profile) -> str:
 
 def collect_rows(study: optuna.Study, objectives) -> list[dict]:
     rows = []
+    # trials that died with their worker (or were interrupted) and were queued again: the re-run stands for them
+    rerun = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
     for t in study.trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.number in rerun:
+            continue
         plan = t.user_attrs.get("plan")
         base = {
             "trial": t.number,
