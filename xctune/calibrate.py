@@ -221,8 +221,9 @@ class Calibration:
         return "\n".join(lines)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        from .atomic import write_text
+
+        write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 def calibrate(spec: ModelSpec, repeats: int = 5, progress=None, train_set=TRAIN, held_out=HELD_OUT) -> Calibration:

@@ -184,9 +184,12 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .models.loading import resolve_model
 
+    from .atomic import check_writable
+
+    out = Path(args.out)
+    check_writable(out.parent)  # before minutes of measuring, not after
     spec = resolve_model(args.model, args.trust_remote_code)
     cal = calibrate(spec, repeats=args.repeats, progress=None if args.json else lambda m: print(m, file=sys.stderr))
-    out = Path(args.out)
     cal.save(out)
     if args.json:
         _emit_json(cal.to_dict())
@@ -201,12 +204,13 @@ def cmd_search(args) -> int:
 
     from .report import baseline_gains, summary, write_outputs
     from .search import run_search
+    from .storage import mask_url
     from .study import find_default_study, load_study, with_overrides
 
     spec = load_study(args.study) if args.study else load_study(find_default_study())
     changes = dict(
         model=args.model, gpus=args.gpus, trials=args.trials, storage=args.storage, name=args.study_name,
-        out=args.out, sampler=args.sampler, seed=args.seed, calibration=args.calibration,
+        out=args.out, sampler=args.sampler, seed=args.seed, calibration=args.calibration, heartbeat=args.heartbeat,
     )
     if args.objectives:
         changes["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
@@ -217,12 +221,17 @@ def cmd_search(args) -> int:
     spec = with_overrides(spec, **changes)
     quiet = args.json
     result = run_search(spec, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
-    files = write_outputs(result)
+    try:
+        files = write_outputs(result)
+    except BadInput as e:
+        raise BadInput(f"{e} (the finished trials are kept in {mask_url(spec.storage_url)}; "
+                       f"run `xctune search` again with --trials 0 to write the outputs)") from None
     if args.json:
         _emit_json({
             "study": spec.name,
             "out": str(spec.out_dir),
             "trials": len(result.study.trials),
+            "run_here": {"sampled": result.tally.sampled, "queued": result.tally.queued},
             "best": {k: v for k, v in (result.best or {}).items() if k != "_plan"},
             "optimum_e2e_ms": result.optimum.e2e_ms if result.optimum and result.optimum.plan else None,
             "gains": baseline_gains(result),
@@ -233,24 +242,27 @@ def cmd_search(args) -> int:
         print(summary(result))
         print("written: " + ", ".join(str(Path(p)) for p in files.values()))
     if result.interrupted:
+        print(f"xctune: interrupted: the finished trials are kept in {mask_url(spec.storage_url)} and the outputs "
+              f"written; the same command resumes (the interrupted trial first)", file=sys.stderr)
         return 130
     return 0 if result.best else 1
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
-
+    from .atomic import OutputSet, check_writable
     from .compare import build_report, check_threshold, render_markdown, write_csv
 
     pct = None if args.fail_on_regression is None else check_threshold(args.fail_on_regression)
+    if args.out:
+        check_writable(args.out)
     rep = build_report(args.inputs)
     failures = rep.gate(pct, args.include_times) if pct is not None else []
     text = render_markdown(rep, pct, args.include_times)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(text)
-        write_csv(rep, out / "report.csv")
+        with OutputSet(args.out) as out:
+            out.write_text("report.md", text)
+            with out.staged("report.csv") as tmp:
+                write_csv(rep, tmp)
     if args.json:
         _emit_json({
             "studies": rep.studies,
@@ -353,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", help="study name (default: the file's)")
     p.add_argument("--out", help="output folder (default: results/<study-name>)")
     p.add_argument("--calibration", help="calibration JSON for the cost model")
+    p.add_argument("--heartbeat", type=int, metavar="S",
+                   help="seconds between a running trial's heartbeats; a trial silent for 4 of them (its worker died) "
+                        "is failed and run again (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_search)
 

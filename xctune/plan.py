@@ -150,7 +150,9 @@ def load_plan(source, dtype: str | None = None) -> Plan:
 
 def write_device_map(plan: Plan, path: Path) -> None:
     """The product users carry: a bare map, loadable by `from_pretrained(device_map=json.load(f))`."""
-    path.write_text(json.dumps(plan.device_map, indent=1) + "\n")
+    from .atomic import write_text
+
+    write_text(path, json.dumps(plan.device_map, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------

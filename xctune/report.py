@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 
+from .atomic import OutputSet
 from .hardware import GiB
 from .plan import Plan, write_device_map
 from .record import fmt_bytes
@@ -47,7 +48,11 @@ def layout(plan: Plan, profile) -> str:
 
 def collect_rows(study: optuna.Study, objectives) -> list[dict]:
     rows = []
+    # trials that died with their worker (or were interrupted) and were queued again: the re-run stands for them
+    rerun = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
     for t in study.trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.number in rerun:
+            continue
         plan = t.user_attrs.get("plan")
         base = {
             "trial": t.number,
@@ -177,10 +182,13 @@ if hook is not None:  # the root hook sends outputs back to the first GPU: not t
 {mixed}'''
 
 
+# every file a study writes; one missing from a run (no feasible plan: no best_map.json) is removed
+OUTPUTS = ("leaderboard.csv", "leaderboard.md", "best_map.json", "best_plan.json", "load_best_map.py",
+           "history.png", "pareto.png", "memory.png")
+
+
 def write_outputs(result) -> dict[str, Path]:
-    out = result.spec.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {}
+    """The study's outputs, replaced together (atomic.OutputSet): a failed write changes nothing."""
     rows = result.records
     import pandas as pd
 
@@ -194,24 +202,24 @@ def write_outputs(result) -> dict[str, Path]:
              "peak_bytes_max", "transfer_bytes", "fidelity_top1", "cause", "plan_id"]
     cols = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
     df = df[cols] if len(df) else df
-    files["leaderboard.csv"] = out / "leaderboard.csv"
-    df.to_csv(files["leaderboard.csv"], index=False)
-    files["leaderboard.md"] = out / "leaderboard.md"
-    files["leaderboard.md"].write_text(_markdown(df, result))
-
-    if result.best_plan is not None:
-        files["best_map.json"] = out / "best_map.json"
-        write_device_map(result.best_plan, files["best_map.json"])
-        files["best_plan.json"] = out / "best_plan.json"
-        files["best_plan.json"].write_text(json.dumps(_best_plan_doc(result), indent=1, default=str) + "\n")
-        files["load_best_map.py"] = out / "load_best_map.py"
-        dt = result.best_plan.dtypes["lm"]
-        mixed = ""
-        if result.best_plan.mixed:
-            mixed = (f"# The plan mixes precisions ({result.best_plan.dtype_label}): cast each group as best_plan.json says,\n"
-                     f"# e.g. model.vit.to(torch.{_torch_name(result.best_plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
-        files["load_best_map.py"].write_text(LOADER.format(dtype=_torch_name(dt), mixed=mixed))
-    files.update(_plots(result, out))
+    files = {}
+    with OutputSet(result.spec.out_dir, OUTPUTS) as out:
+        with out.staged("leaderboard.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        files["leaderboard.csv"] = out.path("leaderboard.csv")
+        files["leaderboard.md"] = out.write_text("leaderboard.md", _markdown(df, result))
+        if result.best_plan is not None:
+            with out.staged("best_map.json") as tmp:
+                write_device_map(result.best_plan, tmp)
+            files["best_map.json"] = out.path("best_map.json")
+            files["best_plan.json"] = out.write_text("best_plan.json", json.dumps(_best_plan_doc(result), indent=1, default=str) + "\n")
+            dt = result.best_plan.dtypes["lm"]
+            mixed = ""
+            if result.best_plan.mixed:
+                mixed = (f"# The plan mixes precisions ({result.best_plan.dtype_label}): cast each group as best_plan.json says,\n"
+                         f"# e.g. model.vit.to(torch.{_torch_name(result.best_plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
+            files["load_best_map.py"] = out.write_text("load_best_map.py", LOADER.format(dtype=_torch_name(dt), mixed=mixed))
+        files.update(_plots(result, out))
     return files
 
 
@@ -276,7 +284,7 @@ def _markdown(df, result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(result, out: Path) -> dict[str, Path]:
+def _plots(result, out: OutputSet) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,10 +304,10 @@ def _plots(result, out: Path) -> dict[str, Path]:
             else:
                 ax = ovm.plot_optimization_history(study, target=lambda t: t.values[0], target_name=spec.objectives[0])
             ax.set_title(f"{spec.name}: optimisation history ({'measured' if spec.real else 'simulated'})")
-            files["history.png"] = _save(ax.figure, out / "history.png", (8, 4.5))
+            files["history.png"] = _save(ax.figure, out, "history.png", (8, 4.5))
             if len(spec.objectives) > 1:
                 ax = ovm.plot_pareto_front(study, target_names=list(spec.objectives))
-                files["pareto.png"] = _save(ax.figure, out / "pareto.png", (7, 5))
+                files["pareto.png"] = _save(ax.figure, out, "pareto.png", (7, 5))
     best = result.best
     if best:
         n = len(result.cluster.gpus)
@@ -314,26 +322,40 @@ def _plots(result, out: Path) -> dict[str, Path]:
         ax.set_ylabel("GiB")
         ax.set_title(f"best plan, memory per device ({best.get('source')})")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        files["memory.png"] = _save(fig, out / "memory.png")
+        files["memory.png"] = _save(fig, out, "memory.png")
     return files
 
 
-def _save(fig, path: Path, size=None) -> Path:
+def _save(fig, out: OutputSet, name: str, size=None) -> Path:
     import matplotlib.pyplot as plt
 
     if size:
         fig.set_size_inches(*size)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        with out.staged(name) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return out.path(name)
+
+
+def _counts(result) -> str:
+    """This worker's trials and the study's: with several workers, each counts only its own."""
+    trials = result.study.trials
+    workers = {t.user_attrs.get("worker") for t in trials} - {None}
+    tally = result.tally
+    here = (f"{tally.total} trial(s) run by this worker ({tally.sampled} sampled, {tally.queued} queued)"
+            if tally is not None else f"{result.new_trials} trial(s) run now")
+    finished = sum(t.state.is_finished() for t in trials)
+    return f"{here}; the study holds {len(trials)} ({finished} finished) from {len(workers)} worker(s)"
 
 
 def summary(result) -> str:
     spec, best = result.spec, result.best
     world = "measured on this machine" if spec.real else "simulated on a virtual cluster"
     lines = [f"study {spec.name}: {spec.model} on {result.cluster.describe()} ({world})",
-             f"{result.new_trials} trial(s) run now, {len(result.study.trials)} in the study; {result.seconds:.1f} s"]
+             _counts(result) + f"; {result.seconds:.1f} s"]
     if result.interrupted:
         lines.append("interrupted: the finished trials are kept in the study; run the same command to resume")
     if not best:

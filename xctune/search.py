@@ -25,6 +25,7 @@ from pathlib import Path
 
 import optuna
 
+from .atomic import check_writable
 from .baselines import baseline_plan, repair
 from .costmodel import Efficiency
 from .errors import BadInput
@@ -34,8 +35,10 @@ from .plan import Plan
 from .record import TrialRecord
 from .simulate import failed_record, record_from_estimate, simulate
 from .space import SearchSpace
+from .storage import mask_url, open_storage
 from .study import StudySpec
 from .trace import InvalidPlan, Trace
+from .worker import Worker
 
 OBJECTIVE_FIELD = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes"}
 
@@ -140,7 +143,8 @@ class SearchResult:
     fp32_optimum: object = None  # the same, for plans that keep fp32 everywhere
     seconds: float = 0.0
     interrupted: bool = False
-    new_trials: int = 0
+    new_trials: int = 0  # trials this worker ran
+    tally: object = None  # worker.Tally: sampled and queued trials this worker ran
     evaluator: object = None
 
 
@@ -165,22 +169,25 @@ def _sampler(spec: StudySpec):
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
 
-def open_study(spec: StudySpec) -> optuna.Study:
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
+def open_study(spec: StudySpec, storage=None) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it. Many workers may open one study at once: exactly
+    one of them creates it (Optuna's unique study name decides), and only that one queues the
+    baselines, so they are in the study once."""
+    if spec.storage is None:  # the default SQLite file lives in the output folder
+        check_writable(spec.out_dir)
+    storage = storage or open_storage(spec.storage_url, spec.liveness)
+    where = mask_url(spec.storage_url)
     try:
-        return optuna.create_study(
-            study_name=spec.name,
-            storage=spec.storage_url,
-            load_if_exists=True,
-            directions=["minimize"] * len(spec.objectives),
-            sampler=_sampler(spec),
-        )
-    except ValueError as e:  # e.g. an existing study with other objectives
-        raise BadInput(f"cannot open study {spec.name!r} in {spec.storage_url}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # SQLAlchemy errors: a bad URL, an unreachable server
-        if "sqlalchemy" in type(e).__module__.lower() or "storage" in str(e).lower():
-            raise BadInput(f"cannot use storage {spec.storage_url}: {str(e).splitlines()[0]}") from None
-        raise
+        study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=False,
+                                    directions=["minimize"] * len(spec.objectives), sampler=_sampler(spec))
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec))
+    if len(study.directions) != len(spec.objectives):
+        raise BadInput(f"study {spec.name!r} in {where} has {len(study.directions)} objective(s), this run "
+                       f"{len(spec.objectives)}; use --study-name or --out for a new study")
+    return study, False
 
 
 def twin_cluster(budgets: Cluster, calibration: str | None) -> Cluster:
@@ -210,6 +217,8 @@ def build_cluster(spec: StudySpec) -> Cluster:
 
 def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResult:
     t0 = time.perf_counter()
+    check_writable(spec.out_dir)  # the outputs (and the default SQLite study) go there: fail now, not after the trials
+    storage = open_storage(spec.storage_url, spec.liveness)  # likewise a bad URL or an unreachable server
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     model_spec = resolve_model(spec.model, spec.trust_remote_code)
@@ -223,15 +232,19 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         evaluator = RealEvaluator(spec, profile, cluster, eff, cache, model_spec)
     else:
         evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache)
-    stored = open_study(spec)
-    _check_identity(stored, spec, cluster)
-    study, copied = _working_study(stored, spec)
+    study, created = open_study(spec, storage)
+    if not created:
+        _wait_until_ready(study, spec, log)
+        _check_identity(study, spec, cluster)
     result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
+    # the creator queues what every worker shares; a resume queues only what is missing
     _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log)
     if spec.real and spec.seed_plans:
         _enqueue_virtual_seeds(spec, study, space, evaluator, log)
+    if created:
+        _check_identity(study, spec, cluster)  # written last: it tells other workers the study is ready
 
     def objective(trial: optuna.Trial):
         plan = space.suggest(trial)
@@ -253,18 +266,18 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         return objective_values(rec, spec.objectives)
 
     waiting = len([t for t in study.trials if t.state == optuna.trial.TrialState.WAITING])
-    n = spec.trials + waiting
-    log(f"study {spec.name!r}: {n} trial(s) to run ({waiting} queued baselines/seeds + {spec.trials} sampled), "
-        f"{before} already in {spec.storage_url}")
-    bar = progress and sys.stderr.isatty()
-    callbacks = [] if bar or not progress else [_progress_lines(n, log)]
+    log(f"study {spec.name!r}: {spec.trials} sampled trial(s) to run here, and the {waiting} queued one(s) "
+        f"(baselines, seeds, re-runs) shared with any other worker; {before} already in {mask_url(spec.storage_url)}")
+    worker = Worker(study, storage, objective, spec.liveness, on_trial=_progress(spec.trials + waiting, progress, log))
     try:
-        study.optimize(objective, n_trials=n, show_progress_bar=bar, catch=(RuntimeError,), callbacks=callbacks)
+        worker.run(spec.trials)
     except KeyboardInterrupt:
         result.interrupted = True
-    finally:
-        _write_back(study, stored, copied)
-    result.new_trials = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]) - before
+    result.tally = worker.tally
+    result.new_trials = worker.tally.total
+    if worker.tally.lost:
+        log(f"trial(s) {', '.join(map(str, worker.tally.lost))} went silent for over {spec.liveness.grace} s "
+            f"and were queued again by another worker")
     from .report import collect_rows, pick_best
 
     result.records = collect_rows(study, spec.objectives) + _outside_rows(study)
@@ -283,35 +296,6 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
             log(f"no exact optimum: {e}")
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _working_study(stored: optuna.Study, spec: StudySpec) -> tuple[optuna.Study, int]:
-    """The study the trials run in, and how many stored trials it starts with.
-
-    An RDB storage writes every step of a trial in its own transaction (ask, each parameter, each
-    attribute, the constraints, the values): ~0.1 s a trial with SQLite on this machine, more than
-    the trial itself. Where the study is this process's own (the default SQLite file, no --storage)
-    and nothing is queued or running in it, the search runs in memory from a copy and its new
-    trials are written back in one batch at the end (`_write_back`), interrupted or not. A shared
-    storage (--storage) is used directly, so that workers see each other's trials."""
-    busy = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    if spec.storage is not None or any(t.state in busy for t in stored.trials):
-        return stored, 0
-    work = optuna.create_study(directions=stored.directions, sampler=_sampler(spec))
-    work.add_trials(stored.trials)
-    for key, value in stored.user_attrs.items():
-        work.set_user_attr(key, value)
-    return work, len(stored.trials)
-
-
-def _write_back(work: optuna.Study, stored: optuna.Study, copied: int) -> None:
-    """The in-memory study's new trials and study attributes, into the stored study."""
-    if work is stored:
-        return
-    stored.add_trials(work.trials[copied:])
-    for key, value in work.user_attrs.items():
-        if stored.user_attrs.get(key) != value:
-            stored.set_user_attr(key, value)
 
 
 def study_identity(spec: StudySpec, cluster: Cluster) -> dict:
@@ -337,13 +321,21 @@ def _check_identity(study: optuna.Study, spec: StudySpec, cluster: Cluster) -> N
     if diff:
         k = diff[0]
         raise BadInput(
-            f"study {spec.name!r} in {spec.storage_url} was run with another {k} ({stored.get(k)} vs {mine[k]}); "
+            f"study {spec.name!r} in {mask_url(spec.storage_url)} was run with another {k} ({stored.get(k)} vs {mine[k]}); "
             f"use --study-name or --out for a new study"
         )
 
 
-def _progress_lines(total: int, log):
-    """Where stderr is not a terminal: one line every tenth of the way, with the best so far."""
+def _progress(total: int, progress: bool, log):
+    """A progress bar on a terminal; elsewhere one line every tenth of the way, with the best so far.
+    `total` counts the queued trials seen at the start: other workers may take some of them."""
+    if not progress:
+        return None
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, file=sys.stderr, leave=False)
+        return lambda study, trial: bar.update(1)
     step = max(1, total // 10)
     done = [0]
 
@@ -368,6 +360,16 @@ def baseline_precisions(spec: StudySpec, space: SearchSpace) -> list[str]:
 def baseline_key(name: str, dtype: str) -> str:
     """One baseline at one precision, as the leaderboard labels it: `authors @ fp16`."""
     return f"{name} @ {dtype}"
+
+
+def _wait_until_ready(study: optuna.Study, spec: StudySpec, log, timeout: float = 60.0) -> None:
+    """A study another worker has just created: wait until it has queued the baselines (it writes
+    the study's identity last). A creator that died meanwhile is replaced after `timeout` s."""
+    t0 = time.monotonic()
+    while "identity" not in study.user_attrs and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    if "identity" not in study.user_attrs:
+        log(f"study {spec.name!r} was created by a worker that never finished setting it up; this one does")
 
 
 def _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log) -> int:

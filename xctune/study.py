@@ -165,6 +165,7 @@ class StudySpec:
     seed_plans: int = 3  # real studies: enqueue the virtual world's best few plans
     calibration: str | None = None
     storage: str | None = None
+    heartbeat: int = 5  # seconds between a running trial's heartbeats; 4 missed and it is re-run elsewhere
     trust_remote_code: bool = False  # command line only: a study file never grants it
     out: str | None = None  # default results/<name>
     source: str = ""  # the study file
@@ -187,6 +188,12 @@ class StudySpec:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("results") / self.name
+
+    @property
+    def liveness(self):
+        from .storage import Liveness
+
+        return Liveness.every(self.heartbeat)
 
     @property
     def storage_url(self) -> str:
