@@ -279,7 +279,7 @@ def test_generated_study_files(tmp_path_factory, study):
 def test_report_generated_case_counts():
     """Runs after the properties (file order): the number of generated cases, for the README."""
     print(f"\ngenerated bad-input cases: {CASES} = {sum(CASES.values())} in all, none with a traceback")
-    assert sum(CASES.values()) >= 3 * EXAMPLES or not CASES
+    assert not CASES or min(CASES.values()) >= EXAMPLES  # each property ran the cases asked of it
 
 
 # --- a few cases through the installed command, as users run it ------------------------------------

@@ -67,7 +67,6 @@ class Report:
     studies: list[dict] = field(default_factory=list)
     runs: list[BenchRun] = field(default_factory=list)
     changes: list[tuple[str, Change]] = field(default_factory=list)  # (run label, change)
-
     gaps: list[Gap] = field(default_factory=list)
 
     def regressions(self, pct: float, include_times: bool = False) -> list[tuple[str, Change]]:
