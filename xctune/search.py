@@ -93,6 +93,8 @@ class RealEvaluator(VirtualEvaluator):
     source = "measured"
 
     def __init__(self, spec, profile, cluster, eff, cache_dir, model_spec):
+        from .calibrate import twin_cluster
+
         # the twin sees the budgets as devices; with a calibration, at this machine's measured speed
         super().__init__(spec, profile, twin_cluster(cluster, spec.calibration), eff, cache_dir)
         from .real import HostExecutor
@@ -176,20 +178,6 @@ def open_study(spec: StudySpec) -> optuna.Study:
         if "sqlalchemy" in type(e).__module__.lower() or "storage" in str(e).lower():
             raise BadInput(f"cannot use storage {spec.storage_url}: {str(e).splitlines()[0]}") from None
         raise
-
-
-def twin_cluster(budgets: Cluster, calibration: str | None) -> Cluster:
-    """Logical devices of a real study as the virtual twin sees them: each budget's memory, and
-    the calibrated host's throughput and bandwidth where a calibration is given."""
-    if not calibration:
-        return budgets
-    from dataclasses import replace
-
-    from .calibrate import load_host_device
-
-    host = load_host_device(calibration)
-    gpus = tuple(replace(host, name=f"host ({g.name})", memory_bytes=g.memory_bytes) for g in budgets.gpus)
-    return replace(budgets, gpus=gpus)
 
 
 def build_cluster(spec: StudySpec) -> Cluster:
