@@ -36,7 +36,8 @@ from .errors import BadInput
 from .hardware import GiB, Cluster, GPUSpec, LinkSpec, make_cluster
 from .models.loading import ModelSpec
 from .plan import Plan
-from .real import HostExecutor, host_ram_bytes, torch_threads
+from .real import HostExecutor, Prepared, host_ram_bytes, torch_threads
+from .virtual import quiet_accelerate
 from .record import Spread
 from .space import SearchSpace, SpaceOptions
 from .trace import Trace
@@ -80,10 +81,18 @@ def _timed(fn, repeats: int) -> float:
 
 def measure_host(repeats: int = 5, threads: int = 1) -> GPUSpec:
     """The CPU as a device: matmul peak per dtype and copy bandwidth, measured now."""
-    n = 1024
     tflops = {}
     with torch_threads(threads):
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            # the largest size up to 1024 whose matmul takes about 20 ms (a CPU's fp16 can be 100x slower)
+            n = 128
+            while n < 1024:
+                a = torch.randn(n, n).to(dtype)
+                t0 = time.perf_counter()
+                torch.mm(a, a)
+                if (time.perf_counter() - t0) * 8 > 0.02:
+                    break
+                n *= 2
             a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
             secs = _timed(lambda: torch.mm(a, b), repeats)
             tflops[name] = 2 * n**3 / secs / 1e12
@@ -182,25 +191,42 @@ class Sample:
     features: np.ndarray
 
 
-def collect(spec: ModelSpec, host: GPUSpec, workloads, plans, rounds: int, threads: int = 1, cache_dir=None,
-            progress=None) -> list[Sample]:
-    """Every plan measured on every workload: per workload the plans interleaved over `rounds` rounds."""
-    samples = []
-    for i, w in enumerate(workloads):
-        if progress:
-            progress(f"workload {i + 1}/{len(workloads)}: {w.describe(spec.profile.config)}, {len(plans)} plans interleaved")
-        trace = Trace(spec.profile, w, cache_dir=cache_dir)
-        records = HostExecutor(spec, w, repeats=rounds, threads=threads).measure_interleaved(plans, rounds)
-        for plan, (rec, _) in zip(plans, records):
-            if not rec.ok:
-                raise RuntimeError(f"calibration run of {plan.label} failed: {rec.cause}")
-            feats = phase_features(trace, plan, host)
-            measured = {"vision": rec.vision_ms, "prefill": rec.prefill_ms, "decode": rec.decode_ms_per_token}
-            for p in PHASES:
-                if w.images == 0 and p == "vision":
-                    continue
-                samples.append(Sample(w, plan, p, measured[p].median, measured[p].cv, feats[p]))
-    return samples
+def collect(spec: ModelSpec, host: GPUSpec, sets, rounds: int, threads: int = 1, cache_dir=None,
+            progress=None) -> list[list[Sample]]:
+    """Every plan measured on every workload, for each (workloads, plans) set: all of them placed at
+    once and timed in turns over `rounds` rounds, training and held-out alike, so that a change of
+    the machine's load during the calibration hits every sample the same way."""
+    jobs = []  # (set index, workload, plan, executor, prepared)
+    for k, (workloads, plans) in enumerate(sets):
+        for w in workloads:
+            ex = HostExecutor(spec, w, repeats=rounds, threads=threads, count=False)
+            for plan in plans:
+                p = ex.prepare(plan, plan.label)
+                if not isinstance(p, Prepared):
+                    raise RuntimeError(f"calibration run of {plan.label} failed: {p.cause}")
+                jobs.append((k, w, plan, ex, p))
+    if progress:
+        progress(f"{len(jobs)} (workload, plan) pairs placed; {rounds} interleaved rounds")
+    try:
+        with torch_threads(threads), quiet_accelerate():
+            for _ in range(rounds):
+                for _, _, _, ex, p in jobs:
+                    ex.time_once(p)
+        records = [ex.finish(p) for _, _, _, ex, p in jobs]
+    finally:
+        for _, _, _, ex, p in jobs:
+            ex.release(p)
+    out: list[list[Sample]] = [[] for _ in sets]
+    traces: dict = {}
+    for (k, w, plan, _, _), rec in zip(jobs, records):
+        trace = traces.setdefault(w, Trace(spec.profile, w, cache_dir=cache_dir))
+        feats = phase_features(trace, plan, host)
+        measured = {"vision": rec.vision_ms, "prefill": rec.prefill_ms, "decode": rec.decode_ms_per_token}
+        for ph in PHASES:
+            if w.images == 0 and ph == "vision":
+                continue
+            out[k].append(Sample(w, plan, ph, measured[ph].median, measured[ph].cv, feats[ph]))
+    return out
 
 
 # --- the fit ----------------------------------------------------------------------------------
@@ -371,7 +397,7 @@ def rank_agreement(model_spec: ModelSpec, study, calibration_path, n_plans: int 
         return all(w.get(i, 0) + est.peak_bytes.get(i, 0) <= 1.25 * budgets.usable_bytes(i) for i in range(len(budgets.gpus)))
 
     plans = plans or sample_plans(space, n_plans, seed=study.seed or 0, accept=measurable)
-    ex = HostExecutor(model_spec, study.workload, repeats=rounds, threads=threads)
+    ex = HostExecutor(model_spec, study.workload, repeats=rounds, threads=threads, count=False)
     records = ex.measure_interleaved(plans, rounds)
     rows = []
     for plan, (rec, per_round) in zip(plans, records):
@@ -401,7 +427,7 @@ def probe(spec: ModelSpec, rounds: int = 7, threads: int = 1) -> dict:
     """A short fixed measurement (about a second): the first training workload on the first two
     training plans (fp32 and bf16), interleaved; per plan and phase the median in ms."""
     plans = calibration_plans(spec.profile)[0][:2]
-    recs = HostExecutor(spec, TRAIN[0], repeats=rounds, threads=threads).measure_interleaved(plans, rounds)
+    recs = HostExecutor(spec, TRAIN[0], repeats=rounds, threads=threads, count=False).measure_interleaved(plans, rounds)
     return {p.label: {"vision": r.vision_ms.median, "prefill": r.prefill_ms.median, "decode": r.decode_ms_per_token.median}
             for p, (r, _) in zip(plans, recs)}
 
@@ -516,10 +542,14 @@ def calibrate(spec: ModelSpec, repeats: int = 5, progress=None, train_set=TRAIN,
     if repeats < 2:
         raise BadInput("--repeats must be at least 2 (the spread of the repeats is part of the result)")
     t0 = time.perf_counter()
+    if cache_dir is None:
+        from .search import trace_cache_dir
+
+        cache_dir = trace_cache_dir()
     host = measure_host(threads=threads)
     train_plans, held_plans = plans or calibration_plans(spec.profile)
-    train = collect(spec, host, train_set, train_plans, repeats, threads, cache_dir, progress)
-    test = collect(spec, host, held_out, held_plans, repeats, threads, cache_dir, progress)
+    train, test = collect(spec, host, [(train_set, train_plans), (held_out, held_plans)], repeats, threads, cache_dir,
+                          progress)
     x = fit(train)
     dtypes = [d for d in CALIBRATED_DTYPES if any(p.dtypes[g] == d for p in train_plans for g in p.dtypes)]
     eff = _efficiency(x, dtypes, "calibrated on this machine")

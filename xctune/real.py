@@ -7,7 +7,7 @@ would make are made, but transfers cost no link time (say so: `transfer_ms` is N
 
 One trial: placement from the master copy (timed apart) -> one instrumented run (transfers,
 live-tensor memory, device-mismatch detection) -> warm-up -> timed repeats (CUDA events on
-GPUs, wall clock on the CPU) -> fidelity against an fp32 single-device reference of the same
+GPUs; on the CPU the process's CPU time with one thread, else the wall clock) -> fidelity against an fp32 single-device reference of the same
 weights and inputs. A failure (OOM, device mismatch, anything else) ends the trial with a
 status and a cause; memory is freed and the next trial runs.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -44,11 +45,17 @@ def host_ram_bytes() -> int:
         return 0
 
 
-class Clock:
-    """Times phases: CUDA events where the work runs on a GPU, the wall clock on the CPU."""
+CLOCKS = ("cuda-events", "wall", "process-cpu")
 
-    def __init__(self, cuda: bool, tracker=None):
+
+class Clock:
+    """Times phases: CUDA events where the work runs on a GPU; on the CPU the wall clock, or the
+    process's CPU time (`cpu_time`): with one torch thread that is the work the run did, whatever
+    the neighbours on a shared machine do (the wall clock then also counts waiting for a core)."""
+
+    def __init__(self, cuda: bool, tracker=None, cpu_time: bool = False):
         self.cuda, self.tracker = cuda, tracker
+        self.now = time.process_time if cpu_time else time.perf_counter
         self.samples: dict[str, list[float]] = {}
         self._events: list[tuple[str, object, object]] = []
 
@@ -63,9 +70,9 @@ class Clock:
             end.record()
             self._events.append((phase, start, end))
         else:
-            t0 = time.perf_counter()
+            t0 = self.now()
             yield
-            self.samples.setdefault(phase, []).append((time.perf_counter() - t0) * 1e3)
+            self.samples.setdefault(phase, []).append((self.now() - t0) * 1e3)
 
     def finish(self) -> dict[str, list[float]]:
         if self.cuda:
@@ -177,6 +184,15 @@ class HostExecutor:
     world: HostWorld = field(default_factory=HostWorld)
     threads: int = 1  # torch intra-op threads while measuring (recorded in every record)
     noise_bound: float = NOISE_BOUND
+    count: bool = True  # False: time only (calibration), no counting pass: no transfers, memory or join check
+    clock: str = "auto"  # CLOCKS; auto: CUDA events on GPUs, process CPU time on the CPU with one thread, else wall
+
+    def clock_for(self, cuda: bool) -> str:
+        if cuda:
+            return "cuda-events"
+        if self.clock == "auto":
+            return "process-cpu" if self.threads == 1 else "wall"
+        return self.clock
 
     def __post_init__(self):
         self.profile = self.spec.profile
@@ -192,6 +208,8 @@ class HostExecutor:
             raise BadInput("--repeats must be at least 1 and --warmup at least 0")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise BadInput(f"--threads must be a positive integer, got {self.threads!r}")
+        if self.clock not in ("auto", "wall", "process-cpu"):
+            raise BadInput(f"unknown clock {self.clock!r}; use auto, wall or process-cpu")
         self.master = MasterWeights(self.spec.load_master(self.seed))
         self._reference = None
 
@@ -325,7 +343,13 @@ class HostExecutor:
         rec = OpRecorder(tracker, parameters=list(model.named_parameters()))
         if p.cuda:
             tracker.timer = MoveTimer(lambda: torch.cuda.Event(enable_timing=True))
-        with rec, FusedAttention(rec):
+        counting = contextlib.ExitStack()
+        if self.count:
+            counting.enter_context(rec)
+            counting.enter_context(FusedAttention(rec))
+        else:
+            p.placed.counting(False)
+        with counting:
             out = generate(model, p.inputs, w.new_tokens, Clock(False, tracker), w.hd_layout)
         if p.cuda:
             torch.cuda.synchronize()
@@ -342,7 +366,8 @@ class HostExecutor:
             for t in (k, v):
                 key = dev(tracker.location(t))
                 kv[key] = kv.get(key, 0) + t.numel() * t.element_size()
-        tracker.recording = tracker.counting = False
+        tracker.recording = False
+        p.placed.counting(False)
         if p.cuda:
             for i in plan.gpus:
                 torch.cuda.reset_peak_memory_stats(i)
@@ -359,14 +384,14 @@ class HostExecutor:
         return None
 
     def time_once(self, p: Prepared) -> None:
-        """One timed run of the workload, counters off: phases by the clock, end to end by the wall clock."""
+        """One timed run of the workload, counters off: phases and end to end by the executor's clock."""
         w = self.workload
-        clock = Clock(p.cuda)
-        t0 = time.perf_counter()
+        clock = Clock(p.cuda, cpu_time=self.clock_for(p.cuda) == "process-cpu")
+        t0 = clock.now()
         p.counted["out"] = generate(p.placed.model, p.inputs, w.new_tokens, clock, w.hd_layout)
         if p.cuda:
             torch.cuda.synchronize()
-        p.samples["e2e"].append((time.perf_counter() - t0) * 1e3)
+        p.samples["e2e"].append((clock.now() - t0) * 1e3)
         s = clock.finish()
         p.samples["vision"].append(sum(s.get("vision", [0.0])))
         p.samples["prefill"].append(sum(s.get("prefill", [0.0])))
@@ -445,9 +470,65 @@ class HostExecutor:
             placement_ms=p.placement_ms,
             repeats=e2e.n,
             threads=self.threads,
+            clock=self.clock_for(p.cuda),
             noisy=e2e.cv > self.noise_bound,
             memory_note=note,
         )
+
+
+def overhead_ratios(executor: HostExecutor, plan: Plan, rounds: int) -> dict[str, dict[str, float]]:
+    """What measuring costs, per phase: the same loop (a) plain (the executor's fp32 master, no hooks),
+    (b) placed by accelerate's `dispatch_model` alone (what a user's `from_pretrained(device_map=...)`
+    runs), (c) timed by the executor (its counters installed, switched off). Interleaved round by
+    round; the median of the per-round ratios, so that drift of the machine cancels."""
+    from accelerate import dispatch_model
+
+    if plan.mixed:
+        raise BadInput("the overhead comparison takes a plan in one precision (accelerate alone does not cast between groups)")
+    w = executor.workload
+    plain = executor.master.master.eval()
+    accelerated = executor.master.model_for(plan, executor.profile, lambda loc: "cpu")
+    dispatch_model(accelerated, {k: "cpu" for k in plan.device_map}, main_device="cpu",
+                   skip_keys=list(plan.skip_keys), force_hooks=True)
+    inputs = make_inputs(executor.profile.config, w, "cpu")
+    prepared = executor.prepare(plan)
+    if not isinstance(prepared, Prepared):
+        undispatch(accelerated)
+        raise RuntimeError(f"the plan does not run: {prepared.cause}")
+
+    def timed(model):
+        clock = Clock(False, cpu_time=executor.clock_for(False) == "process-cpu")
+        generate(model, inputs, w.new_tokens, clock, w.hd_layout)
+        s = clock.finish()
+        return {p: sum(s.get(p, [0.0])) for p in ("vision", "prefill")} | {"decode": statistics.fmean(s["decode"])}
+
+    def by_executor():
+        n = len(prepared.samples["e2e"])
+        executor.time_once(prepared)
+        return {p: prepared.samples[p][n] for p in ("vision", "prefill", "decode")}
+
+    pairs = {"xctune_over_accelerate": (2, 1), "accelerate_over_plain": (1, 0), "xctune_over_plain": (2, 0)}
+    phases = ("vision", "prefill", "decode")
+    times: list = [{p: [] for p in phases} for _ in range(3)]
+    runners = (lambda: timed(plain), lambda: timed(accelerated), by_executor)
+    try:
+        with torch_threads(executor.threads), quiet_accelerate(), torch.no_grad():
+            for r in range(rounds + 2):  # two warm-up rounds; the order alternates, so neither side always goes first
+                order = (0, 1, 2) if r % 2 else (2, 1, 0)
+                runs = {i: runners[i]() for i in order}
+                for i in range(3):
+                    for p in phases:
+                        if r >= 2:
+                            times[i][p].append(runs[i][p])
+    finally:
+        executor.release(prepared)
+        undispatch(accelerated)
+    out: dict = {"median": {}, "fastest": {}}
+    for k, (num, den) in pairs.items():
+        out["median"][k] = {p: statistics.median(a / b for a, b in zip(times[num][p], times[den][p]) if b > 0)
+                            for p in phases if any(times[den][p])}
+        out["fastest"][k] = {p: min(times[num][p]) / min(times[den][p]) for p in phases if min(times[den][p]) > 0}
+    return out
 
 
 _REFUSALS: dict = {}

@@ -99,7 +99,8 @@ class RealEvaluator(VirtualEvaluator):
         super().__init__(spec, profile, twin_cluster(cluster, spec.calibration), eff, cache_dir)
         from .real import HostExecutor
 
-        self.executor = HostExecutor(model_spec, spec.workload, repeats=spec.repeats, budget=cluster)
+        self.model_spec = model_spec
+        self.executor = HostExecutor(model_spec, spec.workload, repeats=spec.repeats, budget=cluster, threads=spec.threads)
 
     def __call__(self, plan: Plan, label: str) -> TrialRecord:
         return self.executor.run(plan, label)
@@ -351,10 +352,20 @@ def _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log) -> 
 
 
 def _enqueue_virtual_seeds(spec, study, space, evaluator, log) -> int:
-    """Real studies start from the virtual world's best few plans (design.md §5)."""
+    """Real studies start from the virtual world's best few plans (design.md §5), where the twin has
+    earned it: a calibration whose measured rank agreement reached calibrate.TRUSTED_TAU and whose
+    probe says this machine has not changed since. Otherwise no seeds: the baselines and the sampler."""
     if any(t.user_attrs.get("seed") for t in study.trials):
         return 0
+    from .calibrate import twin_trust
     from .oracle import rank_plans
+
+    trusted, why = twin_trust(spec.calibration, evaluator.model_spec, spec.threads)
+    study.set_user_attr("twin", {"trusted": trusted, "why": why})
+    if not trusted:
+        log(f"not seeding from the virtual twin: {why}")
+        return 0
+    log(f"virtual twin: {why}")
 
     ranked = rank_plans(evaluator.trace, space, evaluator.cluster, evaluator.eff, spec.seed_plans)
     for i, plan in enumerate(ranked):

@@ -55,6 +55,7 @@ class StudySpec:
     fidelity_floor: float | None = None  # real studies: the least share of tokens equal to the fp32 reference
     seed_plans: int = 3  # real studies: enqueue the virtual world's best few plans
     calibration: str | None = None
+    threads: int = 1  # real studies: torch intra-op threads while measuring
     storage: str | None = None
     trust_remote_code: bool = False  # command line only: a study file never grants it
     out: str | None = None  # default results/<name>
@@ -113,7 +114,7 @@ def load_study(path) -> StudySpec:
     _known(cluster, {"gpus", "link", "headroom"}, f"{where} [cluster]")
     _known(work, {"images", "prompt_tokens", "new_tokens", "batch", "hd_layout", "seed"}, f"{where} [workload]")
     _known(space, {"dtypes", "mixed_precision", "offload", "max_devices", "skip_keys"}, f"{where} [space]")
-    _known(real, {"enabled", "repeats", "fidelity_floor", "seed_plans", "calibration"}, f"{where} [real]")
+    _known(real, {"enabled", "repeats", "fidelity_floor", "seed_plans", "calibration", "threads"}, f"{where} [real]")
     try:
         workload = Workload(**{**work, **({"hd_layout": tuple(work["hd_layout"])} if "hd_layout" in work else {})})
         options = SpaceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
@@ -136,6 +137,7 @@ def load_study(path) -> StudySpec:
             fidelity_floor=real.get("fidelity_floor"),
             seed_plans=int(real.get("seed_plans", 3)),
             calibration=_relative_to(path, real.get("calibration")),
+            threads=int(real.get("threads", 1)),
             source=str(path),
         )
     except TypeError as e:
