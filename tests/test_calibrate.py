@@ -138,3 +138,12 @@ def test_bad_calibration_files(tmp_path):
         calibrate(resolve_model("ixc2-vl-7b"))
     with pytest.raises(BadInput, match="repeats"):
         calibrate(resolve_model("tiny"), repeats=1)
+
+
+def test_a_real_study_leans_on_the_twin_only_where_it_ranked_well(tmp_path):
+    path = tmp_path / "cal.json"
+    for tau, trusted in ((0.9, True), (0.5, False)):
+        path.write_text(json.dumps({"agreement": {"tau_twin": tau, "n_plans": 18}}))
+        ok, why = twin_trust(str(path))
+        assert ok == trusted and f"{tau:.2f}" in why
+    assert twin_trust(None) == (False, "no calibration: the twin prices this host at default factors")
