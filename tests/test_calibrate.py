@@ -142,8 +142,9 @@ def test_bad_calibration_files(tmp_path):
 
 def test_a_real_study_leans_on_the_twin_only_where_it_ranked_well(tmp_path):
     path = tmp_path / "cal.json"
-    for tau, trusted in ((0.9, True), (0.5, False)):
-        path.write_text(json.dumps({"agreement": {"tau_twin": tau, "n_plans": 18}}))
+    for twin, ceiling, trusted in ((0.79, 0.83, True), (0.6, 0.83, False), (0.85, 0.95, True), (0.78, 0.85, True),
+                                   (0.79, 0.92, False), (0.4, 0.45, False)):
+        path.write_text(json.dumps({"agreement": {"tau_twin": twin, "tau_ceiling": ceiling, "n_plans": 18}}))
         ok, why = twin_trust(str(path))
-        assert ok == trusted and f"{tau:.2f}" in why
+        assert ok == trusted and f"{twin:.2f}" in why, (twin, ceiling)
     assert twin_trust(None) == (False, "no calibration: the twin prices this host at default factors")

@@ -58,7 +58,11 @@ HELD_OUT = (
     Workload(images=1, prompt_tokens=32, new_tokens=8, batch=4),
 )
 STALE_BOUND = 0.20  # the probe's phases may drift apart by this much (relative) before the twin is stale
-TRUSTED_TAU = 0.8  # a real study leans on the twin (seeds from it) only where its measured tau reached this
+# A real study leans on the twin (seeds from it) only where the twin met issue 12's target in its
+# calibration's rank agreement: tau within TAU_MARGIN of the measurement's own (its ceiling), at
+# least TAU_QUIET where that ceiling reaches 0.9, and never under TAU_FLOOR (a twin that barely
+# ranks is not leaned on, even on a machine too noisy to rank itself)
+TAU_MARGIN, TAU_QUIET, TAU_FLOOR = 0.1, 0.8, 0.5
 # The fitted factors, in the order of the feature columns (seconds per unit of each feature)
 FACTORS = (
     *(f"roofline_{d}" for d in ("fp32", "bf16", "fp16")),
@@ -630,18 +634,21 @@ def twin_cluster(budgets: Cluster, calibration: str | None) -> Cluster:
 
 def twin_trust(calibration: str | None, spec: ModelSpec | None = None, threads: int = 1) -> tuple[bool, str]:
     """Whether a real study may seed from the twin, and why (not): a calibration must exist, its
-    rank agreement must have reached TRUSTED_TAU, and (with `spec`) the probe must say it is not stale."""
+    rank agreement must meet the target (TAU_MARGIN, TAU_QUIET, TAU_FLOOR), and (with `spec`) the
+    probe must say the calibration is not stale."""
     if not calibration:
         return False, "no calibration: the twin prices this host at default factors"
     data = _read(calibration)
     a = data.get("agreement")
     if not a:
         return False, "the calibration has no rank agreement (xctune calibrate --study ...)"
-    if not a["tau_twin"] >= TRUSTED_TAU:
-        return False, f"the twin ranked {a['n_plans']} measured plans at Kendall tau {a['tau_twin']:.2f} < {TRUSTED_TAU}"
+    twin, ceiling = a["tau_twin"], a["tau_ceiling"]
+    said = f"the twin ranked {a['n_plans']} measured plans at Kendall tau {twin:.2f} (the measurement itself: {ceiling:.2f})"
+    if not (ceiling - twin <= TAU_MARGIN and twin >= TAU_FLOOR and (ceiling < 0.9 or twin >= TAU_QUIET)):
+        return False, said + f": under the target (within {TAU_MARGIN} of it, >= {TAU_QUIET} where it reaches 0.9, >= {TAU_FLOOR})"
     if spec is not None:
         st = staleness(data, probe(spec, threads=threads))
         if st.stale:
             return False, st.message
-        return True, f"twin tau {a['tau_twin']:.2f} over {a['n_plans']} plans; {st.message}"
-    return True, f"twin tau {a['tau_twin']:.2f} over {a['n_plans']} plans"
+        return True, f"{said}; {st.message}"
+    return True, said
