@@ -413,7 +413,8 @@ class HostExecutor:
             activation = c["activation"]
             peak = {k: weights.get(k, 0) + activation.get(k, 0) for k in {*weights, *activation} if k.startswith("cuda")}
             note = ("measured on the CPU: weights (parameters + buffers) per logical device, plus the peak of "
-                    "live tensor bytes allocated by the run on it (activations, KV cache, moved copies)")
+                    "live tensor bytes allocated by the run on it (activations, KV cache, moved copies)"
+                    if self.count else "timing only: weights per logical device; activations and transfers not counted")
 
         # fidelity against the fp32 single-device reference
         out = c["out"]
