@@ -203,3 +203,58 @@ def test_move_timer_sums_one_timing_per_call_that_moves(tiny):
     # calls with moves: layers 2 and 3 and the root's output, in prefill and in each decode step
     assert len(timings) == 3 * W.new_tokens
     assert sum(placed.tracker.timer.milliseconds().values()) == len(timings)  # each start/end pair 1 "ms" apart
+
+
+def test_timed_runs_do_not_count_and_record_threads(tiny, host):
+    import torch
+
+    from xctune.real import Prepared
+
+    before = torch.get_num_threads()
+    plan = Plan.uniform(two_gpu_map(tiny))
+    p = host.prepare(plan)
+    assert isinstance(p, Prepared)
+    try:
+        moves = len(p.placed.tracker.moves)
+        assert moves > 0 and not p.placed.tracker.counting  # counted once, then switched off
+        host.time_once(p)
+        assert len(p.placed.tracker.moves) == moves and len(p.samples["e2e"]) == 1
+        rec = host.finish(p)
+    finally:
+        host.release(p)
+    assert rec.threads == 1 and rec.to_dict()["threads"] == 1 and rec.transfer_count == moves
+    assert torch.get_num_threads() == before  # the executor sets threads while it measures, and restores them
+
+
+def test_noisy_trials_are_measured_again_and_flagged(tiny):
+    plan = Plan.uniform(two_gpu_map(tiny))
+    strict = HostExecutor(resolve_model("tiny"), W, repeats=3, noise_bound=0.0).run(plan)
+    assert strict.ok and strict.noisy and strict.repeats == 3 and "NOISY" in strict.summary()
+    lax = HostExecutor(resolve_model("tiny"), W, repeats=3, noise_bound=10.0).run(plan)
+    assert lax.ok and not lax.noisy
+
+
+def test_interleaved_rounds(tiny, host):
+    plans = [Plan.uniform(two_gpu_map(tiny)), Plan.uniform(two_gpu_map(tiny), "bf16"),
+             Plan.uniform(two_gpu_map(tiny) | {"vision_proj": 1})]  # the last cannot run on GPUs
+    out = host.measure_interleaved(plans, 3)
+    (a, sa), (b, sb), (bad, sbad) = out
+    assert a.ok and b.ok and a.e2e_ms.n == b.e2e_ms.n == 3 and len(sa["decode"]) == len(sb["decode"]) == 3
+    assert bad.status == "invalid" and sbad == {}
+
+
+def test_the_best_real_trial_is_a_quiet_one():
+    from types import SimpleNamespace
+
+    from xctune.report import pick_best
+
+    plan = Plan.uniform({"": 0}).to_dict()
+    rows = [{"feasible": True, "_plan": plan, "e2e_ms": 10.0, "noisy": True, "trial": 0},
+            {"feasible": True, "_plan": plan, "e2e_ms": 12.0, "noisy": False, "trial": 1}]
+    result = SimpleNamespace(spec=SimpleNamespace(objectives=("latency",), real=True), records=rows,
+                             best=None, best_plan=None, verified="")
+    pick_best(result, None)
+    assert result.best["trial"] == 1
+    rows[1]["noisy"] = True  # all noisy: the fastest still wins
+    pick_best(result, None)
+    assert result.best["trial"] == 0

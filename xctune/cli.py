@@ -143,8 +143,9 @@ def cmd_bench(args) -> int:
     if args.real:
         from .real import HostExecutor
 
-        _progress(args, f"measuring {plan.label or 'the map'} on this machine ({args.repeats} repeats)...")
-        record = HostExecutor(spec, workload, repeats=args.repeats, warmup=args.warmup, budget=budget).run(plan)
+        _progress(args, f"measuring {plan.label or 'the map'} on this machine ({args.repeats} repeats, {args.threads} thread(s))...")
+        record = HostExecutor(spec, workload, repeats=args.repeats, warmup=args.warmup, budget=budget,
+                              threads=args.threads).run(plan)
     else:
         from .simulate import simulate
 
@@ -185,12 +186,14 @@ def cmd_calibrate(args) -> int:
     from .models.loading import resolve_model
 
     from .atomic import check_writable
+    from .study import load_study
 
     out = Path(args.out)
     check_writable(out.parent)  # before minutes of measuring, not after
     spec = resolve_model(args.model, args.trust_remote_code)
-    cal = calibrate(spec, repeats=args.repeats, progress=None if args.json else lambda m: print(m, file=sys.stderr))
-    cal.save(out)
+    study = load_study(args.study) if args.study else None
+    cal = calibrate(spec, repeats=args.repeats, progress=None if args.json else lambda m: print(m, file=sys.stderr),
+                    threads=args.threads, agreement_study=study, agreement_plans=args.plans, out=out)
     if args.json:
         _emit_json(cal.to_dict())
     else:
@@ -389,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload(p)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (--real; default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (--real; default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while measuring (--real; default %(default)s)")
     p.add_argument("--calibration", help="calibration JSON from `xctune calibrate` (efficiency factors, the host device)")
     p.add_argument("--json", action="store_true", help="print the trial record as one flat JSON object")
     p.set_defaults(func=cmd_bench)
@@ -398,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the cost model to this machine and report its prediction error per phase",
     )
     _add_model(p, default="tiny")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per workload (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per workload (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while measuring (default %(default)s)")
+    p.add_argument("--study", help="a real study file: also measure the twin's rank agreement over its plans")
+    p.add_argument("--plans", type=int, default=18, help="plans of --study to rank (default %(default)s)")
     p.add_argument("--out", default="results/calibration/host.json", help="where to write the calibration (default %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)

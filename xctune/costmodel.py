@@ -33,6 +33,18 @@ DECODE_PHASES = ("decode", "decode_last")
 
 
 @dataclass(frozen=True)
+class DtypeEfficiency:
+    """What a calibration measured for one dtype: a CPU's bf16 and fp16 are not its fp32 (no
+    native 16-bit kernels on many CPUs: each op converts), and small ops cost their dispatch."""
+
+    dtype: str
+    matmul: float  # achieved fraction of the device's peak FLOP/s in this dtype
+    memory: float  # achieved fraction of memory bandwidth
+    matmul_op_us: float  # per matmul-class op (mm, bmm, attention, convolution)
+    other_op_us: float  # per other op (elementwise, norms, gathers, casts)
+
+
+@dataclass(frozen=True)
 class Efficiency:
     matmul: float = 0.70  # achieved fraction of peak FLOP/s in matmuls and attention
     memory: float = 0.80  # achieved fraction of memory bandwidth
@@ -47,12 +59,22 @@ class Efficiency:
     host_pinned: float = 0.80  # host <-> GPU from page-locked memory
     host_pageable: float = 0.40  # host <-> GPU from ordinary memory (accelerate's cpu offload)
     disk: float = 0.80  # reads from the offload folder
+    by_dtype: tuple[DtypeEfficiency, ...] = ()  # calibrated per dtype; replaces matmul/memory/op overhead where given
 
     def __post_init__(self):
         ok = 0 < self.matmul <= 1 and 0 < self.memory <= 1 and self.op_overhead_us >= 0 and self.module_overhead_us >= 0
         ok = ok and all(0 < f <= 1 for f in (self.gpu_link, self.host_pinned, self.host_pageable, self.disk))
+        ok = ok and all(0 < d.matmul <= 1 and 0 < d.memory <= 1 and d.matmul_op_us >= 0 and d.other_op_us >= 0
+                        for d in self.by_dtype)
         if not ok:
             raise BadInput(f"efficiency factors out of range: {self}")
+
+    def of(self, dtype: str) -> DtypeEfficiency:
+        """The factors that price ops in `dtype`."""
+        for d in self.by_dtype:
+            if d.dtype == dtype:
+                return d
+        return DtypeEfficiency(dtype, self.matmul, self.memory, self.op_overhead_us, self.op_overhead_us)
 
     def link_fraction(self, src, dst) -> float:
         """The achieved fraction of the link a move from `src` to `dst` crosses (devices as in a device map).
@@ -71,12 +93,15 @@ class Efficiency:
             data = json.loads(Path(path).read_text())
             eff = data.get("efficiency", data)
             links = {k: float(eff[k]) for k in ("gpu_link", "host_pinned", "host_pageable", "disk") if k in eff}
+            by_dtype = tuple(DtypeEfficiency(k, float(v["matmul"]), float(v["memory"]), float(v["matmul_op_us"]),
+                                             float(v["other_op_us"])) for k, v in eff.get("by_dtype", {}).items())
             return Efficiency(
                 float(eff["matmul"]),
                 float(eff["memory"]),
                 float(eff["op_overhead_us"]),
                 float(eff.get("module_overhead_us", 0.0)),
                 f"calibrated: {path}",
+                by_dtype=by_dtype,
                 **links,
             )
         except OSError as e:
@@ -85,7 +110,9 @@ class Efficiency:
             raise BadInput(f"{path} is not a calibration file ({type(e).__name__}: {e})") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["by_dtype"] = {d.dtype: {k: v for k, v in asdict(d).items() if k != "dtype"} for d in self.by_dtype}
+        return out
 
 
 @dataclass(frozen=True)
@@ -110,12 +137,20 @@ class OpTable:
         """The ops' roofline time alone, without overheads."""
         if self.flops.size == 0:
             return 0.0
-        compute = self.flops / (gpu.peak_flops(dtype) * eff.matmul)
-        memory = self.nbytes / (gpu.mem_bw * eff.memory)
+        d = eff.of(dtype)
+        compute = self.flops / (gpu.peak_flops(dtype) * d.matmul)
+        memory = self.nbytes / (gpu.mem_bw * d.memory)
         return float(np.maximum(compute, memory).sum())
 
+    def overhead_counts(self) -> tuple[int, int, int]:
+        """(matmul-class ops, other ops, module calls): what the fixed costs are charged on."""
+        n_mm = int(self.matmul.sum())
+        return n_mm, int(self.flops.size) - n_mm, self.module_calls
+
     def seconds(self, gpu: GPUSpec, dtype: str, eff: Efficiency) -> float:
-        overhead = self.flops.size * eff.op_overhead_us + self.module_calls * eff.module_overhead_us
+        d = eff.of(dtype)
+        n_mm, n_other, n_mod = self.overhead_counts()
+        overhead = n_mm * d.matmul_op_us + n_other * d.other_op_us + n_mod * eff.module_overhead_us
         return self.roofline_seconds(gpu, dtype, eff) + overhead * 1e-6
 
 

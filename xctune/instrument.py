@@ -70,6 +70,9 @@ class Tracker:
         self.stack: list[tuple[str, Location]] = []  # (unit, execution location)
         self.moves: list[Move] = []
         self.recording = True  # False while preparing inputs that are not part of the workload
+        # False in timed repeats: xctune's counters step aside and only accelerate's hooks run, so a
+        # timed run costs what the user's placement costs (counting happens in one separate pass)
+        self.counting = True
         self.unpriced = False  # ops that allocate but are not part of the work: emulated moves, setup
         self.move_dst: Location | None = None  # where an emulated move's copy lands
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -160,6 +163,8 @@ class MoveCounter(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         tr = self.tracker
+        if not tr.counting:
+            return args, kwargs
         if self.is_root:
             first = _first_tensor((args, kwargs))
             self._input_loc.append(tr.location(first) if first is not None else tr.main)
@@ -173,6 +178,8 @@ class MoveCounter(ModelHook):
 
     def post_forward(self, module, output):
         tr = self.tracker
+        if not tr.counting:
+            return output
         if tr.collapsed and not self.is_root:
             # a unit's results live on its device (the OpRecorder tags them op by op; this covers
             # runs without it, such as timed repeats)
@@ -252,6 +259,8 @@ class StreamCounter(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         tr = self.tracker
+        if not tr.counting:
+            return args, kwargs
         nbytes = sum(
             _nbytes(t)
             for _, t in named_module_tensors(

@@ -18,7 +18,7 @@ import contextlib
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import dispatch_model
@@ -164,6 +164,14 @@ class Placed:
     main: Location
     physical_main: str
     offload_dir: str | None = None
+    hooks: list = field(default_factory=list)  # (module, hook with xctune's counters, accelerate's hook alone)
+
+    def counting(self, on: bool) -> None:
+        """Install xctune's counters (on) or leave only accelerate's hooks (and the casts a mixed
+        plan needs): timed runs then cost what the user's placement costs."""
+        self.tracker.counting = on
+        for module, full, lean in self.hooks:
+            module._hf_hook = full if on else lean
 
 
 def dispatch(
@@ -214,28 +222,38 @@ def dispatch(
             force_hooks=True,
         )
     locs = {k: exec_location(v, main) for k, v in device_map.items()} | dict(locations or {})
-    _install_counters(model, device_map, tracker, locs, skip_keys, unit_dtypes)
-    return Placed(model, dict(device_map), tracker, logical_main, physical_main, offload_dir)
+    hooks = _install_counters(model, device_map, tracker, locs, skip_keys, unit_dtypes)
+    return Placed(model, dict(device_map), tracker, logical_main, physical_main, offload_dir, hooks)
 
 
-def _install_counters(model, device_map, tracker, locs, skip_keys, unit_dtypes) -> None:
+def _install_counters(model, device_map, tracker, locs, skip_keys, unit_dtypes) -> list:
+    """Install xctune's hooks; return (module, full hook, accelerate's hook alone [+ casts]) per module."""
     skip = list(skip_keys) if skip_keys else None
     modules = dict(model.named_modules())
+    hooks = []
     for key, dev in device_map.items():
         module = modules.get(key)
         if module is None or not hasattr(module, "_hf_hook"):
             continue  # a parameter entry (the GN vectors): the root hook handles it
+        lean = module._hf_hook  # accelerate's own, before xctune adds any
         if dev in OFFLOAD_TIERS:
             for sub in module.modules():
                 hook = getattr(sub, "_hf_hook", None)
                 if hook is not None and getattr(hook, "offload", False):
                     _prepend(sub, StreamCounter(tracker, key, dev, hook))
+                    hooks.append((sub, sub._hf_hook, hook))
         _append(module, MoveTimerEnd(tracker, is_root=False))
         if unit_dtypes and key in unit_dtypes:
-            _append(module, CastInputs(unit_dtypes[key]))
+            cast = CastInputs(unit_dtypes[key])
+            _append(module, cast)
+            lean = SequentialHook(lean, cast)
         _prepend(module, MoveCounter(tracker, key, locs[key], skip))
+        hooks.append((module, module._hf_hook, lean))
+    lean = model._hf_hook
     _append(model, MoveTimerEnd(tracker, is_root=True))
     _prepend(model, MoveCounter(tracker, ROOT, tracker.main, skip))
+    hooks.append((model, model._hf_hook, lean))
+    return hooks
 
 
 def undispatch(model: torch.nn.Module) -> None:

@@ -97,6 +97,9 @@ class TrialRecord:
     fidelity_mean_abs: float | None = None
     placement_ms: float | None = None
     repeats: int = 0
+    threads: int | None = None  # measured trials: torch intra-op threads the runs used (set, not inherited)
+    clock: str = ""  # measured trials: cuda-events, wall, or process-cpu (CPU time of a one-thread run)
+    noisy: bool = False  # measured trials: end-to-end repeats varied by more than the executor's noise bound
     memory_note: str = ""  # what the peak counts, in words
     versions: dict = field(default_factory=dict)
 
@@ -160,7 +163,9 @@ class TrialRecord:
             lines.append(f"  fidelity vs fp32 reference: top-1 {self.fidelity_top1:.1%}, "
                          f"max |dlogit| {self.fidelity_max_abs:.3g}, mean {self.fidelity_mean_abs:.3g}")
         if self.placement_ms is not None:
-            lines.append(f"  placement {self.placement_ms:.1f} ms")
+            lines.append(f"  placement {self.placement_ms:.1f} ms" + (f", {self.threads} thread(s), {self.clock} clock" if self.threads else ""))
+        if self.noisy:
+            lines.append(f"  NOISY: the repeats vary by {self.e2e_ms.cv:.0%} (cv), over the bound even when measured again")
         return "\n".join(lines)
 
     def to_json(self) -> str:

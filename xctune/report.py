@@ -95,6 +95,8 @@ def pick_best(result, evaluator) -> None:
         candidates = [r for r in candidates if r.get("trial") in front] or candidates
         for r in result.records:
             r["pareto"] = r.get("trial") in front
+    if spec.real:  # a measurement whose repeats varied over the noise bound does not win over a quiet one
+        candidates = [r for r in candidates if not r.get("noisy")] or candidates
     candidates.sort(key=lambda r: r.get(key, math.inf))
     for r in candidates[:5]:
         plan = Plan.from_dict(r["_plan"])

@@ -101,11 +101,14 @@ class RealEvaluator(VirtualEvaluator):
     source = "measured"
 
     def __init__(self, spec, profile, cluster, eff, cache_dir, model_spec):
+        from .calibrate import twin_cluster
+
         # the twin sees the budgets as devices; with a calibration, at this machine's measured speed
         super().__init__(spec, profile, twin_cluster(cluster, spec.calibration), eff, cache_dir)
         from .real import HostExecutor
 
-        self.executor = HostExecutor(model_spec, spec.workload, repeats=spec.repeats, budget=cluster)
+        self.model_spec = model_spec
+        self.executor = HostExecutor(model_spec, spec.workload, repeats=spec.repeats, budget=cluster, threads=spec.threads)
 
     def __call__(self, plan: Plan, label: str) -> TrialRecord:
         return self.executor.run(plan, label)
@@ -188,20 +191,6 @@ def open_study(spec: StudySpec, storage=None) -> tuple[optuna.Study, bool]:
         raise BadInput(f"study {spec.name!r} in {where} has {len(study.directions)} objective(s), this run "
                        f"{len(spec.objectives)}; use --study-name or --out for a new study")
     return study, False
-
-
-def twin_cluster(budgets: Cluster, calibration: str | None) -> Cluster:
-    """Logical devices of a real study as the virtual twin sees them: each budget's memory, and
-    the calibrated host's throughput and bandwidth where a calibration is given."""
-    if not calibration:
-        return budgets
-    from dataclasses import replace
-
-    from .calibrate import load_host_device
-
-    host = load_host_device(calibration)
-    gpus = tuple(replace(host, name=f"host ({g.name})", memory_bytes=g.memory_bytes) for g in budgets.gpus)
-    return replace(budgets, gpus=gpus)
 
 
 def build_cluster(spec: StudySpec) -> Cluster:
@@ -418,10 +407,20 @@ def _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log) -> 
 
 
 def _enqueue_virtual_seeds(spec, study, space, evaluator, log) -> int:
-    """Real studies start from the virtual world's best few plans (design.md §5)."""
+    """Real studies start from the virtual world's best few plans (design.md §5), where the twin has
+    earned it: a calibration whose measured rank agreement reached calibrate.TRUSTED_TAU and whose
+    probe says this machine has not changed since. Otherwise no seeds: the baselines and the sampler."""
     if any(t.user_attrs.get("seed") for t in study.trials):
         return 0
+    from .calibrate import twin_trust
     from .oracle import rank_plans
+
+    trusted, why = twin_trust(spec.calibration, evaluator.model_spec, spec.threads)
+    study.set_user_attr("twin", {"trusted": trusted, "why": why})
+    if not trusted:
+        log(f"not seeding from the virtual twin: {why}")
+        return 0
+    log(f"virtual twin: {why}")
 
     ranked = rank_plans(evaluator.trace, space, evaluator.cluster, evaluator.eff, spec.seed_plans)
     for i, plan in enumerate(ranked):

@@ -137,6 +137,7 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "fidelity_floor": Setting("number", low=0, high=1),
         "seed_plans": Setting("whole", low=0, high=1000),
         "calibration": Setting("text"),
+        "threads": Setting("whole", low=1, high=1024),
     },
 }
 # command-line overrides checked by the same rules: StudySpec field -> (table, key)
@@ -164,6 +165,7 @@ class StudySpec:
     fidelity_floor: float | None = None  # real studies: the least share of tokens equal to the fp32 reference
     seed_plans: int = 3  # real studies: enqueue the virtual world's best few plans
     calibration: str | None = None
+    threads: int = 1  # real studies: torch intra-op threads while measuring
     storage: str | None = None
     heartbeat: int = 5  # seconds between a running trial's heartbeats; 4 missed and it is re-run elsewhere
     trust_remote_code: bool = False  # command line only: a study file never grants it
@@ -251,6 +253,7 @@ def load_study(path) -> StudySpec:
         fidelity_floor=real.get("fidelity_floor"),
         seed_plans=real.get("seed_plans", 3),
         calibration=_relative_to(path, real.get("calibration")),
+        threads=real.get("threads", 1),
         source=str(path),
     )
 

@@ -206,10 +206,10 @@ class Trace:
         call_dev = exec_dev[rec.holder]
 
         # time: each call priced on its GPU, in the dtype of its unit's group
-        dtype_of = [plan.dtypes["lm"]] + [plan.dtypes[self.profile.group_of(u)] for u in self.units]
+        call_dtype = self.call_dtypes(plan)
         phase_compute: dict[str, float] = {}
         for i, c in enumerate(calls):
-            secs = self.call_seconds(plan, i, cluster.gpus[call_dev[i]], dtype_of[rec.holder[i]], eff)
+            secs = self.call_seconds(plan, i, cluster.gpus[call_dev[i]], call_dtype[i], eff)
             phase_compute[c.phase] = phase_compute.get(c.phase, 0.0) + secs
 
         # moves: logged crossings whose two ends sit on different devices, plus offload streams
@@ -234,6 +234,12 @@ class Trace:
         kv = rec.kv @ onehot
         est.kv_bytes = {d: int(kv[d]) for d in range(n_dev) if kv[d] > 0}
         return est
+
+    def call_dtypes(self, plan: Plan) -> list[str]:
+        """The dtype each call of the plan's recording runs in: its unit's group's (the root's: the lm's)."""
+        rec = self.recording(plan)
+        dtype_of = [plan.dtypes["lm"]] + [plan.dtypes[self.profile.group_of(u)] for u in self.units]
+        return [dtype_of[h] for h in rec.holder]
 
     def call_seconds(self, plan: Plan, i: int, gpu, dtype: str, eff: Efficiency) -> float:
         """Seconds of call `i` of the plan's recording on `gpu` in `dtype` (cached per GPU kind and dtype)."""
