@@ -11,6 +11,7 @@ Where the two disagree, the dry run wins and the report says so.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
 
 from .errors import shown
@@ -402,29 +403,22 @@ class Verdict:
 def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, cache_dir=None) -> Verdict:
     """`check`'s verdict, from `cache_dir` when the same plan, model, cluster, workload and versions were
     checked before. The verdict is a pure function of those, as a trace is (trace.py keeps those the same way)."""
-    import hashlib
-    import json
     from dataclasses import asdict
-    from pathlib import Path
 
-    import torch
+    from . import trace_cache
 
-    from . import __version__
-
-    path = None
+    path = key = None
     if cache_dir is not None:
-        ident = repr((asdict(profile.config), workload.to_dict(), repr(cluster), plan.to_dict(), __version__, torch.__version__))
-        path = Path(cache_dir) / f"verdict-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.json"
-        try:
-            data = json.loads(path.read_text())
-            return Verdict(bool(data["ok"]), tuple(data["errors"]), cached=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent or broken: run the dry run
+        key = {"format": "xctune-verdict/1", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
+               "workload": workload.to_dict(), "cluster": repr(cluster), "plan": plan.to_dict(),
+               "versions": trace_cache.library_versions()}
+        key = json.loads(json.dumps(key, sort_keys=True, default=repr))  # as it reads back from the file
+        path = trace_cache.verdict_path(cache_dir, key)
+        kept = trace_cache.load_verdict(path, key)
+        if kept is not None:
+            return Verdict(kept["ok"], tuple(kept["errors"]), cached=True)
     report = check(plan, profile, cluster, workload)
     verdict = Verdict(report.ok, tuple(f.message for f in report.errors))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ok": verdict.ok, "errors": list(verdict.errors)}))
-        tmp.replace(path)
+        trace_cache.save_verdict(path, key, verdict.ok, list(verdict.errors))
     return verdict

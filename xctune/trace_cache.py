@@ -8,6 +8,9 @@ calls, moves, joins and memory figures. The digest is a SHA-256 of the key; the 
 stored and compared on load, so a file copied from another model, workload or library version
 is never used.
 
+The dry-run verdict on a search's best plan is kept the same way, as `verdict-<digest>.json`
+(plain JSON holding its key), so that a warm search of the same study runs no dry run.
+
 Nothing in the cache directory is ever unpickled or executed. A file that is not a readable
 entry for this key (corrupt, truncated, foreign, a planted `*.pkl`) is ignored with a warning
 and the trace is recorded again (over it, when it has our entry's name).
@@ -33,7 +36,7 @@ from .virtual import VirtualRun
 from .workload import Workload
 
 FORMAT = "xctune-trace/1"
-ENTRY = re.compile(r"trace-[0-9a-f]{24}\.npz")
+ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|verdict-[0-9a-f]{24}\.json)")
 log = logging.getLogger("xctune.cache")
 _seen_foreign: set[Path] = set()  # warn once per process about each file that is not ours
 
@@ -63,6 +66,33 @@ def cache_key(config, workload: Workload, widths: tuple, skip_keys: tuple) -> di
 def entry_path(cache_dir: Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cache_dir) / f"trace-{digest}.npz"
+
+
+def verdict_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"verdict-{digest}.json"
+
+
+def load_verdict(path: Path, key: dict) -> dict | None:
+    """The verdict stored at `path` for `key`, or None (with a warning when the file is not one)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            _warn(f"ignoring {path}: a verdict for another plan, model or library version; checking again")
+            return None
+        return {"ok": bool(data["ok"]), "errors": [str(e) for e in data["errors"]]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        _warn(f"ignoring {path}: not a readable verdict ({type(e).__name__}); checking again")
+        return None
+
+
+def save_verdict(path: Path, key: dict, ok: bool, errors: list[str]) -> None:
+    from .atomic import write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps({"key": key, "ok": ok, "errors": errors}))
 
 
 def _warn(message: str) -> None:
