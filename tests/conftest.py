@@ -11,7 +11,7 @@ from xctune.models import get_config
 from xctune.profile import profile_of
 
 ROOT = Path(__file__).resolve().parent.parent
-FIELD = ROOT.parent / "shared" / "field"
+FIELD = ROOT / "tests" / "data" / "field"  # copied unchanged from ../shared/field
 
 
 def field_map(name: str) -> Path:
