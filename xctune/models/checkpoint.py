@@ -99,7 +99,6 @@ class Identified:
     variant: Variant
     config: XComposerConfig
     evidence: tuple[str, ...]  # what decided it, for messages and notes
-    notes: tuple[str, ...] = ()
 
 
 def read_json(path: Path) -> dict:
@@ -296,15 +295,19 @@ def identify(path: Path, config: dict, files: WeightFiles | None) -> Identified:
                 candidates = [v for v in candidates if v.wqkv_rank == shapes[WQKV_LORA][0]]
                 evidence.append(f"wqkv LoRA rank {shapes[WQKV_LORA][0]}")
     by_config, seen = _from_config(config)
+    solid = [v for v in by_config if any(k in READ_KEYS for k in v.config_keys)]
+    if solid and names and not {v.preset for v in solid} & {v.preset for v in candidates}:
+        raise BadInput(
+            f"{path}: config.json says {solid[0].title} ({seen}) but its weights say "
+            f"{' or '.join(v.title for v in candidates) or 'none of the known variants'} ({'; '.join(evidence)})"
+        )
+    if not names and "img_size" not in config:
+        # IXC2-VL's code reads config.img_size; without it only the HD variants remain
+        candidates = [v for v in candidates if v.hd]
     agree = [v for v in candidates if v in by_config]
     if agree:
         evidence.append(f"config.json {seen}")
         candidates = agree
-    elif by_config and names and any(k in READ_KEYS for v in by_config for k in v.config_keys):
-        raise BadInput(
-            f"{path}: config.json says {by_config[0].title} ({seen}) but its weights say "
-            f"{' or '.join(v.title for v in candidates) or 'none of the known variants'} ({'; '.join(evidence)})"
-        )
 
     quant = _quantization(path, config)
     if len(candidates) != 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
-from .checkpoint import identify, read_json, read_weights, weight_files
+from .checkpoint import UNUSED_WEIGHTS, identify, read_json, read_weights, weight_files
 from .config import PRESETS, XComposerConfig
 from .xcomposer import XComposer, init_weights
 
@@ -53,6 +53,45 @@ class ModelSpec:
         return load_checkpoint(self.checkpoint, self.config)
 
 
+# What the authors' modeling code declares for accelerate: a string, not a list.
+REMOTE_SKIP_KEYS = "past_key_values"
+
+
+@dataclass(frozen=True)
+class LoadingPath:
+    """How users put a map on their GPUs, and the skip keys accelerate's root hook then gets."""
+
+    name: str
+    skip_keys: tuple[str, ...]
+    description: str
+
+
+def loading_paths() -> dict[str, LoadingPath]:
+    """xctune's loader (the lines of load_best_map.py) and a bare `from_pretrained(device_map=...)`
+    under the installed transformers: from version 5 it turns the remote code's string into
+    `set('past_key_values')`, a set of letters that matches no output key, so the KV cache
+    crosses GPUs at every decode step (and the output also carries it as `cache`)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    bare = tuple(sorted(set(REMOTE_SKIP_KEYS))) if major >= 5 else (REMOTE_SKIP_KEYS,)
+    bare_words = "none that match (set('past_key_values'): letters)" if major >= 5 else REMOTE_SKIP_KEYS
+    return {
+        "xctune": LoadingPath("xctune", ("past_key_values", "cache"), "xctune's loader (load_best_map.py): skip_keys past_key_values, cache"),
+        "from_pretrained": LoadingPath(
+            "from_pretrained", bare,
+            f"bare from_pretrained(device_map=...) under transformers {transformers.__version__}: skip keys {bare_words}",
+        ),
+    }
+
+
+def loading_path(name: str) -> LoadingPath:
+    paths = loading_paths()
+    if name not in paths:
+        raise BadInput(f"unknown loader {name!r}; choose from {', '.join(paths)}")
+    return paths[name]
+
+
 def resolve_model(spec: str, trust_remote_code: bool = False, attn: str | None = None) -> ModelSpec:
     if spec in PRESETS:
         return ModelSpec(spec, PRESETS[spec]).with_attention(attn)
@@ -81,9 +120,13 @@ def config_from_dir(path: Path) -> tuple[XComposerConfig, tuple[str, ...]]:
         except TypeError as e:
             raise BadInput(f"{ours}: {e}") from None
     if theirs.is_file():
-        found = identify(path, read_json(theirs), weight_files(path))
-        note = f"{path} is {found.variant.title} ({'; '.join(found.evidence)}); attention {found.config.attn}"
-        return found.config, (note, *found.notes)
+        files = weight_files(path)
+        found = identify(path, read_json(theirs), files)
+        notes = [f"{path} is {found.variant.title} ({'; '.join(found.evidence)}); attention {found.config.attn}"]
+        omitted = [n for n in UNUSED_WEIGHTS if files is not None and files.names and n not in files.names]
+        if omitted:
+            notes.append(f"its index omits {', '.join(omitted)}: the forward never uses them; accepted")
+        return found.config, tuple(notes)
     raise BadInput(f"{path} has neither {XCTUNE_CONFIG} nor config.json")
 
 
