@@ -319,3 +319,31 @@ def test_the_authors_2gpu_map_moves_what_their_code_moves():
     # 16 layers on GPU 1: their cache (k and v, 8 heads x 128, fp16) out at T + 1 and in at T positions
     assert cache == 16 * 2 * 8 * 128 * 2 * ((T + 1) + T)
     assert round(cache / 1e6, 1) == 177.7
+
+
+def test_study_files_choose_attention_and_loader(tmp_path):
+    from xctune.study import load_study
+
+    spec = load_study(Path(__file__).parent.parent / "studies" / "ixc2d5.toml")
+    assert spec.model == "ixc2d5-7b" and spec.loader == "xctune" and spec.attn is None
+    assert spec.workload.image_tokens(get_config("ixc2d5-7b")) == 2061
+    f = tmp_path / "s.toml"
+    f.write_text('model = "tiny"\nattn = "eager"\nloader = "from_pretrained"\n')
+    spec = load_study(f)
+    assert (spec.attn, spec.loader) == ("eager", "from_pretrained")
+    f.write_text('loader = "pipeline"\n')
+    with pytest.raises(BadInput, match="unknown loader 'pipeline'"):
+        load_study(f)
+
+
+def test_search_optimises_the_loader_the_study_names(tmp_path):
+    """A bare from_pretrained study: every trial's plan carries that path's skip keys."""
+    from xctune.search import run_search
+    from xctune.study import StudySpec
+
+    spec = StudySpec(name="bare", model="tiny", gpus="2x1GiB", trials=3, loader="from_pretrained",
+                     workload=Workload(prompt_tokens=8, new_tokens=2), out=str(tmp_path / "out"),
+                     baselines=("authors",))
+    result = run_search(spec, progress=False, log=lambda m: None)
+    keys = {tuple(t.user_attrs["plan"]["skip_keys"]) for t in result.study.trials if "plan" in t.user_attrs}
+    assert keys == {loading_paths()["from_pretrained"].skip_keys}
