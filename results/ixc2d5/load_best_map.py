@@ -9,7 +9,7 @@ import json
 import torch
 from transformers import AutoModel
 
-PATH = "internlm/internlm-xcomposer2-vl-7b"  # your checkpoint
+PATH = "internlm/internlm-xcomposer2d5-7b"  # your checkpoint
 device_map = json.load(open("best_map.json"))
 model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torch.bfloat16, device_map=device_map).eval()
 hook = getattr(model, "_hf_hook", None)

@@ -145,6 +145,19 @@ PRESETS: dict[str, XComposerConfig] = {
 PRESETS["tiny-hd"] = replace(PRESETS["tiny"], name="tiny-hd", plora_rank_wqkv=4, hd=True, hd_layout=(1, 2))
 
 
+# Where each published variant lives on the Hugging Face hub (for the lines users run).
+PUBLISHED_REPOS = {
+    "ixc2-vl-7b": "internlm/internlm-xcomposer2-vl-7b",
+    "ixc2-4khd-7b": "internlm/internlm-xcomposer2-4khd-7b",
+    "ixc2d5-7b": "internlm/internlm-xcomposer2d5-7b",
+}
+
+
+def published_repo(name: str) -> str:
+    """The hub repository of a preset, or the name itself (a checkpoint directory, tiny)."""
+    return PUBLISHED_REPOS.get(name, name)
+
+
 def get_config(name: str) -> XComposerConfig:
     try:
         return PRESETS[name]
