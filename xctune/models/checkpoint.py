@@ -128,9 +128,10 @@ def weight_files(path: Path) -> WeightFiles | None:
     for name in SINGLE_FILES:
         if (path / name).is_file():
             return WeightFiles("safetensors" if name.endswith("safetensors") else "bin", (path / name,), None)
-    shards = tuple(sorted(path.glob("*.safetensors")))
-    if shards:
-        return WeightFiles("safetensors", shards, None)
+    for fmt, pattern in (("safetensors", "*.safetensors"), ("bin", "pytorch_model*.bin")):
+        shards = tuple(sorted(path.glob(pattern)))
+        if shards:  # shards without an index: every name is looked for in every shard
+            return WeightFiles(fmt, shards, None)
     return None
 
 
