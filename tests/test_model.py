@@ -140,7 +140,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_model):
 def test_checkpoint_errors_are_bad_input(tmp_path, tiny_model):
     save_checkpoint(tiny_model, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").unlink()
-    with pytest.raises(BadInput, match="no \\*.safetensors"):
+    with pytest.raises(BadInput, match="holds no weights"):
         resolve_model(str(tmp_path / "ckpt")).load_master()
     with pytest.raises(BadInput, match="unknown model"):
         resolve_model("no-such-model")
@@ -157,17 +157,3 @@ def test_profile_units_in_execution_order(vl7b, tiny_hd):
     assert tiny_hd.root_parameters == ("plora_glb_GN", "plora_sub_GN")
     assert "plora_glb_GN" in tiny_hd.colocation
     assert profile_of(get_config("tiny")).total_params < 2_000_000  # a few MB
-
-
-def test_pickled_weights_need_the_explicit_flag(tmp_path, tiny_model):
-    save_checkpoint(tiny_model, tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "model.safetensors").unlink()
-    torch.save(tiny_model.state_dict(), tmp_path / "ckpt" / "pytorch_model.bin")
-    spec = resolve_model(str(tmp_path / "ckpt"))
-    with pytest.raises(BadInput, match="--trust-remote-code"):
-        spec.load_master()
-    # with the flag, loading goes through transformers and the checkpoint's own code; this folder
-    # has none (it is ours), so that fails, with one line naming the folder
-    allowed = resolve_model(str(tmp_path / "ckpt"), trust_remote_code=True)
-    with pytest.raises(BadInput, match="could not load"):
-        allowed.load_master()

@@ -210,6 +210,12 @@ def _path_warnings(plan, profile, res) -> list[Finding]:
     return out
 
 
+def _paths():
+    from .models.loading import loading_paths
+
+    return loading_paths()
+
+
 def _dedupe(path):
     out = []
     for d in path:
@@ -257,6 +263,7 @@ class CheckReport:
     offloaded_bytes: dict = field(default_factory=dict)  # "cpu"/"disk" -> bytes of weights there
     dry_run: VirtualRun | None = None
     profile: ModelProfile | None = None
+    decode_by_loader: dict = field(default_factory=dict)  # loading path -> bytes per decode step (dry run)
 
     @property
     def model(self) -> str:
@@ -304,6 +311,10 @@ class CheckReport:
             "offloaded_bytes": {str(k): v for k, v in self.offloaded_bytes.items()},
             "transfer_bytes_per_forward": self.transfer_bytes("prefill"),
             "transfer_bytes_per_decode_step": self.transfer_bytes("decode"),
+            "transfer_bytes_per_decode_step_by_loader": dict(self.decode_by_loader),
+            "loaders": {name: p.description for name, p in _paths().items()},
+            "skip_keys": list(self.plan.skip_keys),
+            "attention": self.profile.config.attn if self.profile else None,
             "transfer_bytes_by_link": links,
         }
 
@@ -329,9 +340,14 @@ class CheckReport:
             lines.append("dry run: not run (fix the errors above first)")
         elif dr.ok:
             lines.append(
-                f"dry run: ran ({dr.seconds:.1f} s on fake tensors); per forward over the prompt "
-                f"{self.transfer_bytes('prefill') / 1e6:.1f} MB cross devices, per decode step {self.transfer_bytes('decode') / 1e6:.2f} MB"
+                f"dry run: ran ({dr.seconds:.1f} s on fake tensors, {self.profile.config.attn} attention); per forward over "
+                f"the prompt {self.transfer_bytes('prefill') / 1e6:.1f} MB cross devices, per decode step "
+                f"{self.transfer_bytes('decode') / 1e6:.2f} MB (skip_keys {', '.join(self.plan.skip_keys) or 'none'})"
             )
+            paths = _paths()
+            for name, b in self.decode_by_loader.items():
+                figure = "fails" if b is None else f"{b / 1e6:.2f} MB"
+                lines.append(f"  per decode step, {paths[name].description}: {figure}")
         else:
             lines.append(f"dry run: FAILS: {dr.failure.describe()}")
         for f in self.findings:
@@ -339,6 +355,32 @@ class CheckReport:
         lines.append("")
         lines.append("verdict: " + ("the map will run" if self.ok else f"the map will fail ({len(self.errors)} error(s))"))
         return "\n".join(lines)
+
+
+def _decode_step_bytes(run: VirtualRun) -> int:
+    return sum(m.nbytes for m in run.moves if m.phase == "decode" and m.kind != "weights")
+
+
+def decode_bytes_by_loader(profile: ModelProfile, plan: Plan, workload: Workload, run: VirtualRun | None = None) -> dict:
+    """Bytes crossing devices in one decode step under each loading path (models.loading_paths):
+    xctune's loader and a bare `from_pretrained(device_map=...)`. Each is a dry run of the prefill
+    and one decode step with that path's skip keys (`run`, a finished dry run of `plan`, is reused
+    where its skip keys are the path's). Simulated, like every dry-run figure."""
+    from dataclasses import replace
+
+    from .models.loading import loading_paths
+
+    out = {}
+    for name, path in loading_paths().items():
+        if run is not None and tuple(run.plan.skip_keys) == path.skip_keys:
+            out[name] = _decode_step_bytes(run)
+            continue
+        if len(plan.gpus) <= 1:
+            out[name] = 0  # one GPU (offloaded units run on it too): nothing crosses, whatever the skip keys
+            continue
+        probe = virtual_run(profile, Plan(plan.device_map, plan.dtypes, path.skip_keys, plan.label), replace(workload, new_tokens=2))
+        out[name] = _decode_step_bytes(probe) if probe.ok else None
+    return out
 
 
 _STRUCTURAL = {"unknown-module", "uncovered", "covered-twice", "unknown-device", "dtype"}
@@ -372,6 +414,8 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
             if f.code == "colocation" else f
             for f in findings
         ]
+    if dr.ok:
+        report.decode_by_loader = decode_bytes_by_loader(profile, plan, workload, dr)
     weights = weight_bytes(plan, profile, res)
     report.offloaded_bytes = {t: weights[t] for t in OFFLOAD_TIERS if t in weights}
     for i, gpu in enumerate(cluster.gpus):

@@ -22,14 +22,29 @@ def _add_model(p: argparse.ArgumentParser, default: str | None = "ixc2-vl-7b") -
     p.add_argument(
         "--model",
         default=default,
-        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b) or a checkpoint directory"
+        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b, ixc2d5-7b) or a checkpoint directory"
         + (" (default: %(default)s)" if default else ""),
+    )
+    p.add_argument(
+        "--attn", choices=["eager", "sdpa", "flash"], default=None,
+        help="attention the model runs (default: the checkpoint's config: eager for the published IXC checkpoints)",
     )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="allow a checkpoint's own code (and pickled *.bin weights) to run when loading it: code execution, never implicit",
+        help="allow a checkpoint's own code to run when loading it: code execution, never implicit "
+        "(*.bin weight shards are read as data and need no flag)",
     )
+
+
+def _model(args):
+    from .models.loading import resolve_model
+
+    spec = resolve_model(args.model, args.trust_remote_code, attn=getattr(args, "attn", None))
+    if not getattr(args, "json", False):
+        for note in spec.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return spec
 
 
 def _add_cluster(p: argparse.ArgumentParser, default: str | None = "2x24GiB") -> None:
@@ -111,9 +126,8 @@ def _emit_json(obj) -> None:
 
 def cmd_check(args) -> int:
     from .check import check
-    from .models.loading import resolve_model
 
-    spec = resolve_model(args.model, args.trust_remote_code)
+    spec = _model(args)
     cluster = _cluster(args)
     plan = _plan_from_args(args, spec.profile, cluster)
     report = check(plan, spec.profile, cluster, _workload(args))
@@ -126,10 +140,11 @@ def cmd_check(args) -> int:
 
 def cmd_bench(args) -> int:
     from .baselines import repair
-    from .models.loading import resolve_model
+    from .check import decode_bytes_by_loader
+    from .models.loading import loading_path
     from .plan import Plan
 
-    spec = resolve_model(args.model, args.trust_remote_code)
+    spec = _model(args)
     workload = _workload(args)
     budget = _cluster(args) if args.gpus else None
     cluster = budget if budget or not args.real else _default_cluster(args)
@@ -138,8 +153,9 @@ def cmd_bench(args) -> int:
     plan = _plan_from_args(args, spec.profile, cluster)
     if args.repair:
         plan = Plan(repair(plan.device_map, spec.profile), plan.dtypes, plan.skip_keys, plan.label)
-    if args.no_skip_kv:
-        plan = Plan(plan.device_map, plan.dtypes, (), plan.label)
+    loader = "from_pretrained" if args.no_skip_kv else args.loader
+    if loader:
+        plan = Plan(plan.device_map, plan.dtypes, loading_path(loader).skip_keys, plan.label)
     if args.real:
         from .real import HostExecutor
 
@@ -151,6 +167,11 @@ def cmd_bench(args) -> int:
 
         _progress(args, f"simulating {plan.label or 'the map'} on {cluster.describe()} (dry run on fake tensors)...")
         record = simulate(spec.profile, plan, workload, cluster, _efficiency(args), label=plan.label)
+    if record.ok:
+        from dataclasses import replace
+
+        # the decode transfer under both loading paths (dry runs: simulated, whatever the world above)
+        record = replace(record, decode_bytes_by_loader=decode_bytes_by_loader(spec.profile, plan, workload))
     if args.json:
         print(record.to_json())
     else:
@@ -183,14 +204,13 @@ def cmd_calibrate(args) -> int:
     from pathlib import Path
 
     from .calibrate import calibrate
-    from .models.loading import resolve_model
 
     from .atomic import check_writable
     from .study import load_study
 
     out = Path(args.out)
     check_writable(out.parent)  # before minutes of measuring, not after
-    spec = resolve_model(args.model, args.trust_remote_code)
+    spec = _model(args)
     study = load_study(args.study) if args.study else None
     cal = calibrate(spec, repeats=args.repeats, progress=None if args.json else lambda m: print(m, file=sys.stderr),
                     threads=args.threads, agreement_study=study, agreement_plans=args.plans, out=out)
@@ -214,6 +234,7 @@ def cmd_search(args) -> int:
     changes = dict(
         model=args.model, gpus=args.gpus, trials=args.trials, storage=args.storage, name=args.study_name,
         out=args.out, sampler=args.sampler, seed=args.seed, calibration=args.calibration, heartbeat=args.heartbeat,
+        attn=args.attn, loader=args.loader,
     )
     if args.objectives:
         changes["objectives"] = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
@@ -283,9 +304,8 @@ def cmd_report(args) -> int:
 
 def cmd_constraints(args) -> int:
     from .constraints import constraint_report
-    from .models.loading import resolve_model
 
-    spec = resolve_model(args.model, args.trust_remote_code)
+    spec = _model(args)
     rep = constraint_report(spec.profile)
     if args.json:
         _emit_json(rep.to_dict())
@@ -371,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, metavar="S",
                    help="seconds between a running trial's heartbeats; a trial silent for 4 of them (its worker died) "
                         "is failed and run again (default 5)")
+    p.add_argument("--loader", choices=["xctune", "from_pretrained"], default=None,
+                   help="the loading path to optimise for (default: the study's, else xctune's loader)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_search)
 
@@ -388,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(p, default=None)
     p.add_argument("--real", action="store_true", help="measure on this machine; with --gpus, the GPUs are memory budgets for logical devices")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="precision of the whole model")
-    p.add_argument("--no-skip-kv", action="store_true", help="let accelerate move the KV cache like a bare from_pretrained map does")
+    p.add_argument("--loader", choices=["xctune", "from_pretrained"], default=None,
+                   help="how the map is loaded: xctune's loader (load_best_map.py, the default) or a bare from_pretrained(device_map=...)")
+    p.add_argument("--no-skip-kv", action="store_true", help="the same as --loader from_pretrained: accelerate moves the KV cache")
     _add_workload(p)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (--real; default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (--real; default %(default)s)")

@@ -102,6 +102,9 @@ class TrialRecord:
     noisy: bool = False  # measured trials: end-to-end repeats varied by more than the executor's noise bound
     memory_note: str = ""  # what the peak counts, in words
     versions: dict = field(default_factory=dict)
+    # bytes crossing devices per decode step under each loading path ("xctune": load_best_map.py,
+    # "from_pretrained": a bare map), from dry runs: simulated even in a measured record
+    decode_bytes_by_loader: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -153,6 +156,8 @@ class TrialRecord:
                      + (f", {self.transfer_ms:.2f} ms" if self.transfer_ms is not None else ""))
         for key, b in self.transfer_by_phase.items():
             lines.append(f"    {key:<28} {fmt_bytes(b):>13} in {self.transfer_count_by_phase.get(key, 0)} moves")
+        for name, b in self.decode_by_loader_lines():
+            lines.append(f"    per decode step, {name:<19} {b:>13} (dry run, simulated)")
         if self.streamed_weight_bytes:
             lines.append(f"  offloaded weights streamed {fmt_bytes(self.streamed_weight_bytes)} (included above)")
         for d, b in self.peak_bytes.items():
@@ -167,6 +172,10 @@ class TrialRecord:
         if self.noisy:
             lines.append(f"  NOISY: the repeats vary by {self.e2e_ms.cv:.0%} (cv), over the bound even when measured again")
         return "\n".join(lines)
+
+    def decode_by_loader_lines(self):
+        words = {"xctune": "xctune's loader", "from_pretrained": "bare from_pretrained"}
+        return [(words.get(k, k), "fails" if v is None else fmt_bytes(v)) for k, v in self.decode_bytes_by_loader.items()]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), default=str)

@@ -175,7 +175,7 @@ import json
 import torch
 from transformers import AutoModel
 
-PATH = "internlm/internlm-xcomposer2-vl-7b"  # your checkpoint
+PATH = "{repo}"  # your checkpoint
 device_map = json.load(open("best_map.json"))
 model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torch.{dtype}, device_map=device_map).eval()
 hook = getattr(model, "_hf_hook", None)
@@ -211,6 +211,8 @@ def write_outputs(result) -> dict[str, Path]:
         files["leaderboard.csv"] = out.path("leaderboard.csv")
         files["leaderboard.md"] = out.write_text("leaderboard.md", _markdown(df, result))
         if result.best_plan is not None:
+            from .models.config import published_repo
+
             with out.staged("best_map.json") as tmp:
                 write_device_map(result.best_plan, tmp)
             files["best_map.json"] = out.path("best_map.json")
@@ -220,7 +222,8 @@ def write_outputs(result) -> dict[str, Path]:
             if result.best_plan.mixed:
                 mixed = (f"# The plan mixes precisions ({result.best_plan.dtype_label}): cast each group as best_plan.json says,\n"
                          f"# e.g. model.vit.to(torch.{_torch_name(result.best_plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
-            files["load_best_map.py"] = out.write_text("load_best_map.py", LOADER.format(dtype=_torch_name(dt), mixed=mixed))
+            repo = published_repo(result.profile.config.name)
+            files["load_best_map.py"] = out.write_text("load_best_map.py", LOADER.format(dtype=_torch_name(dt), mixed=mixed, repo=repo))
         files.update(_plots(result, out))
     return files
 

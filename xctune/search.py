@@ -210,7 +210,14 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     storage = open_storage(spec.storage_url, spec.liveness)  # likewise a bad URL or an unreachable server
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    model_spec = resolve_model(spec.model, spec.trust_remote_code)
+    model_spec = resolve_model(spec.model, spec.trust_remote_code, attn=spec.attn)
+    if spec.loader != "xctune":
+        # optimise for the path users will take: its skip keys in every trial and baseline
+        from dataclasses import replace
+
+        from .models.loading import loading_path
+
+        spec = replace(spec, space=replace(spec.space, skip_keys=loading_path(spec.loader).skip_keys))
     profile = model_spec.profile
     spec.workload.check_fits(profile.config)
     cluster = build_cluster(spec)
@@ -224,7 +231,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     study, created = open_study(spec, storage)
     if not created:
         _wait_until_ready(study, spec, log)
-        _check_identity(study, spec, cluster)
+        _check_identity(study, spec, cluster, profile.config.attn)
     result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
@@ -233,7 +240,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     if spec.real and spec.seed_plans:
         _enqueue_virtual_seeds(spec, study, space, evaluator, log)
     if created:
-        _check_identity(study, spec, cluster)  # written last: it tells other workers the study is ready
+        _check_identity(study, spec, cluster, profile.config.attn)  # written last: it tells other workers the study is ready
 
     def objective(trial: optuna.Trial):
         plan = space.suggest(trial)
@@ -287,10 +294,11 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     return result
 
 
-def study_identity(spec: StudySpec, cluster: Cluster) -> dict:
+def study_identity(spec: StudySpec, cluster: Cluster, attn: str) -> dict:
     """What makes trials of one study comparable: resuming must not mix models, clusters or workloads."""
     return {
         "model": spec.model,
+        "attention": attn,
         "cluster": cluster.describe(),
         "headroom": cluster.headroom,
         "workload": spec.workload.to_dict(),
@@ -300,8 +308,8 @@ def study_identity(spec: StudySpec, cluster: Cluster) -> dict:
     }
 
 
-def _check_identity(study: optuna.Study, spec: StudySpec, cluster: Cluster) -> None:
-    mine = json.loads(json.dumps(study_identity(spec, cluster)))
+def _check_identity(study: optuna.Study, spec: StudySpec, cluster: Cluster, attn: str) -> None:
+    mine = json.loads(json.dumps(study_identity(spec, cluster, attn)))
     stored = study.user_attrs.get("identity")
     if stored is None:
         study.set_user_attr("identity", mine)

@@ -4,6 +4,8 @@
     model = "ixc2-vl-7b"
     trials = 50
     objectives = ["latency"]          # any of latency, peak_mem, transfer
+    attn = "eager"                    # optional: eager | sdpa | flash (default: the checkpoint's)
+    loader = "xctune"                 # or "from_pretrained": the path users will load the map with
     [cluster]   gpus = "2x24GiB"  link = "pcie4"  headroom = 0.10
     [workload]  images = 1  prompt_tokens = 64  new_tokens = 32  batch = 1
     [space]     dtypes = ["fp32", "fp16", "bf16"]  mixed_precision = true  offload = []
@@ -110,6 +112,8 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "seed": Setting("whole", low=0, high=SEED_MAX),
         "baselines": Setting("texts", choices=BASELINES),
         "baseline_dtype": Setting("text", choices=DTYPES),
+        "attn": Setting("text", choices=("eager", "sdpa", "flash")),
+        "loader": Setting("text", choices=("xctune", "from_pretrained")),
     },
     "cluster": {
         "gpus": Setting("text"),
@@ -169,6 +173,8 @@ class StudySpec:
     storage: str | None = None
     heartbeat: int = 5  # seconds between a running trial's heartbeats; 4 missed and it is re-run elsewhere
     trust_remote_code: bool = False  # command line only: a study file never grants it
+    attn: str | None = None  # attention the model runs; None: the checkpoint's (eager for the published IXC)
+    loader: str = "xctune"  # the loading path users will take: "xctune" (load_best_map.py) or "from_pretrained"
     out: str | None = None  # default results/<name>
     source: str = ""  # the study file
 
@@ -184,6 +190,10 @@ class StudySpec:
             raise BadInput(f"unknown baseline_dtype {self.baseline_dtype!r}")
         if self.fidelity_floor is not None and not 0 <= self.fidelity_floor <= 1:
             raise BadInput("fidelity_floor is a share of tokens, between 0 and 1")
+        if self.attn is not None and self.attn not in ("eager", "sdpa", "flash"):
+            raise BadInput(f"unknown attn {self.attn!r}; choose from eager, sdpa, flash")
+        if self.loader not in ("xctune", "from_pretrained"):
+            raise BadInput(f"unknown loader {self.loader!r}; choose from xctune, from_pretrained")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise BadInput(f"study name {self.name!r} must be a plain folder name")
 
@@ -237,6 +247,8 @@ def load_study(path) -> StudySpec:
     return StudySpec(
         name=top.get("name", path.stem),
         model=top.get("model", "ixc2-vl-7b"),
+        attn=top.get("attn"),
+        loader=top.get("loader", "xctune"),
         gpus=cluster.get("gpus"),
         link=cluster.get("link", "pcie4"),
         headroom=float(cluster.get("headroom", 0.10)),

@@ -12,6 +12,9 @@ from dataclasses import dataclass, replace
 from ..errors import BadInput
 
 
+ATTENTION = ("eager", "sdpa", "flash")
+
+
 @dataclass(frozen=True)
 class XComposerConfig:
     name: str
@@ -39,8 +42,17 @@ class XComposerConfig:
     # "GN" vectors that live at the top level of the model.
     hd: bool = False
     hd_layout: tuple[int, int] = (2, 3)  # default crop grid (rows, cols) of one image
+    # The attention the checkpoint's code runs (its config's `attn_implementation`): "eager"
+    # builds a [B, 1, T, S] additive mask that every decoder layer receives and holds
+    # [B, heads, T, S] scores; "sdpa" and "flash" are one fused kernel without either.
+    attn: str = "sdpa"
+    # IXC2.5: LoRA adapters of the other inference modes, (name, rank) on every PLoRA linear,
+    # next to `Plora_A` / `Plora_B`. They are weights (memory) the chat forward never runs.
+    extra_adapters: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
+        if self.attn not in ATTENTION:
+            raise BadInput(f"unknown attention {self.attn!r}; choose from {', '.join(ATTENTION)}")
         problem = config_problem(self)
         if problem:
             raise BadInput(f"bad config {self.name!r}: {problem}")
@@ -138,6 +150,11 @@ _IXC2_LM = dict(
     plora_rank=256,
 )
 
+# IXC2.5's adapters besides Plora_A/B: their total rank (1024) is fixed by the published
+# parameter count; the split and the names are read from a checkpoint's weight index when
+# one is given (checkpoint.py), these are the preset's.
+IXC2D5_ADAPTERS = (("lora_sft", 512), ("lora_web", 512))
+
 PRESETS: dict[str, XComposerConfig] = {
     # A few MB of random weights, same tree: the model the test suite and CPU studies run.
     "tiny": XComposerConfig(
@@ -157,18 +174,40 @@ PRESETS: dict[str, XComposerConfig] = {
         vision_heads=4,
         image_size=56,
     ),
+    # The published checkpoints run the authors' eager attention (their config.json says so).
     # internlm/internlm-xcomposer2-vl-7b: 490 px images (35x35 = 1225 tokens), 8,666,840,064 params.
-    "ixc2-vl-7b": XComposerConfig(name="ixc2-vl-7b", plora_rank_wqkv=256, image_size=490, **_IXC2_LM),
+    "ixc2-vl-7b": XComposerConfig(name="ixc2-vl-7b", plora_rank_wqkv=256, image_size=490, attn="eager", **_IXC2_LM),
     # internlm/internlm-xcomposer2-4khd-7b: 336 px crops, 2x2 merge, GN separators, rank-8 LoRA
     # on wqkv; 8,597,501,952 params. A 2x3 crop grid is 1045 image tokens.
     "ixc2-4khd-7b": XComposerConfig(
-        name="ixc2-4khd-7b", plora_rank_wqkv=8, image_size=336, hd=True, hd_layout=(2, 3), **_IXC2_LM
+        name="ixc2-4khd-7b", plora_rank_wqkv=8, image_size=336, hd=True, hd_layout=(2, 3), attn="eager", **_IXC2_LM
+    ),
+    # internlm/internlm-xcomposer2d5-7b: 560 px crops (40x40 patches, 2x2 merge: 400 tokens a
+    # crop), GN separators, rank-256 LoRA everywhere plus the adapters of its "write" and "web"
+    # modes on every PLoRA linear (total extra rank 1024); 11,095,734,272 params. A 2x2 crop
+    # grid is 2061 image tokens.
+    "ixc2d5-7b": XComposerConfig(
+        name="ixc2d5-7b", plora_rank_wqkv=256, image_size=560, hd=True, hd_layout=(2, 2), attn="eager",
+        extra_adapters=IXC2D5_ADAPTERS, **_IXC2_LM
     ),
 }
 
 
 # The same, HD flavour: GN parameters at the root, crops merged 2x2, a lower wqkv LoRA rank.
 PRESETS["tiny-hd"] = replace(PRESETS["tiny"], name="tiny-hd", plora_rank_wqkv=4, hd=True, hd_layout=(1, 2))
+
+
+# Where each published variant lives on the Hugging Face hub (for the lines users run).
+PUBLISHED_REPOS = {
+    "ixc2-vl-7b": "internlm/internlm-xcomposer2-vl-7b",
+    "ixc2-4khd-7b": "internlm/internlm-xcomposer2-4khd-7b",
+    "ixc2d5-7b": "internlm/internlm-xcomposer2d5-7b",
+}
+
+
+def published_repo(name: str) -> str:
+    """The hub repository of a preset, or the name itself (a checkpoint directory, tiny)."""
+    return PUBLISHED_REPOS.get(name, name)
 
 
 def get_config(name: str) -> XComposerConfig:

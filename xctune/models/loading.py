@@ -1,9 +1,11 @@
 """Where a model comes from: a preset, a local checkpoint directory, or (explicitly) remote code.
 
 - A preset name gives the architecture; weights are random and deterministic (seeded).
-- A directory holding `*.safetensors` plus `xctune_config.json` (written by `save_checkpoint`)
-  or an InternLM-XComposer2 `config.json` gives the architecture from its config and real
-  weights loaded into the same module tree (the names are the checkpoints' names).
+- A directory gives the architecture from its config: an `xctune_config.json` (written by
+  `save_checkpoint`, any shape) or a published InternLM-XComposer2 `config.json`, identified as
+  one of the published variants from the directory's own files (checkpoint.py). Its weights
+  (`*.safetensors` or pickled `*.bin` shards, through their index) are read as data, straight
+  into the same tree: the names are the checkpoints' names. No code of the checkpoint runs.
 - A Hugging Face checkpoint's own modeling code runs only through `load_remote`, which refuses
   unless the user passed `--trust-remote-code`: remote code is code execution, never implicit.
 """
@@ -11,13 +13,13 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import BadInput, shown
+from ..errors import BadInput
+from .checkpoint import UNUSED_WEIGHTS, identify, read_json, read_weights, weight_files
 from .config import PRESETS, XComposerConfig
 from .xcomposer import XComposer, init_weights
 
@@ -29,7 +31,8 @@ class ModelSpec:
     source: str  # what the user named
     config: XComposerConfig
     checkpoint: Path | None = None
-    trust_remote_code: bool = False  # the user allowed the checkpoint's own code (and pickles) to run
+    trust_remote_code: bool = False  # the user allowed the checkpoint's own code to run
+    notes: tuple[str, ...] = ()  # what identifying the checkpoint found worth saying
 
     @property
     def profile(self):
@@ -37,148 +40,162 @@ class ModelSpec:
 
         return profile_of(self.config)
 
+    def with_attention(self, attn: str | None) -> "ModelSpec":
+        """The same model running another attention implementation (`--attn`, a study's `attn`)."""
+        if attn is None or attn == self.config.attn:
+            return self
+        return replace(self, config=replace(self.config, attn=attn))
+
     def load_master(self, seed: int = 0) -> XComposer:
         """Real weights on the CPU in fp32: from the checkpoint, else seeded random."""
         if self.checkpoint is None:
             return init_weights(XComposer(self.config), seed=seed).eval()
-        return load_checkpoint(self.checkpoint, self.config, self.trust_remote_code)
+        return load_checkpoint(self.checkpoint, self.config)
 
 
-def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelSpec:
+# What the authors' modeling code declares for accelerate: a string, not a list.
+REMOTE_SKIP_KEYS = "past_key_values"
+
+
+@dataclass(frozen=True)
+class LoadingPath:
+    """How users put a map on their GPUs, and the skip keys accelerate's root hook then gets."""
+
+    name: str
+    skip_keys: tuple[str, ...]
+    description: str
+
+
+def loading_paths() -> dict[str, LoadingPath]:
+    """xctune's loader (the lines of load_best_map.py) and a bare `from_pretrained(device_map=...)`
+    under the installed transformers: from version 5 it turns the remote code's string into
+    `set('past_key_values')`, a set of letters that matches no output key, so the KV cache
+    crosses GPUs at every decode step (and the output also carries it as `cache`)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    bare = tuple(sorted(set(REMOTE_SKIP_KEYS))) if major >= 5 else (REMOTE_SKIP_KEYS,)
+    bare_words = "none that match (set('past_key_values'): letters)" if major >= 5 else REMOTE_SKIP_KEYS
+    return {
+        "xctune": LoadingPath("xctune", ("past_key_values", "cache"), "xctune's loader (load_best_map.py): skip_keys past_key_values, cache"),
+        "from_pretrained": LoadingPath(
+            "from_pretrained", bare,
+            f"bare from_pretrained(device_map=...) under transformers {transformers.__version__}: skip keys {bare_words}",
+        ),
+    }
+
+
+def loading_path(name: str) -> LoadingPath:
+    paths = loading_paths()
+    if name not in paths:
+        raise BadInput(f"unknown loader {name!r}; choose from {', '.join(paths)}")
+    return paths[name]
+
+
+def resolve_model(spec: str, trust_remote_code: bool = False, attn: str | None = None) -> ModelSpec:
     if spec in PRESETS:
-        return ModelSpec(spec, PRESETS[spec])
+        return ModelSpec(spec, PRESETS[spec]).with_attention(attn)
     path = Path(spec)
     if not path.is_dir():
         raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
-    return ModelSpec(spec, config_from_dir(path), path, trust_remote_code)
+    config, notes = config_from_dir(path)
+    return ModelSpec(spec, config, path, trust_remote_code, notes).with_attention(attn)
 
 
-def config_from_dir(path: Path) -> XComposerConfig:
+def config_from_dir(path: Path) -> tuple[XComposerConfig, tuple[str, ...]]:
+    """The architecture of a checkpoint directory, and notes on how it was identified."""
     ours, theirs = path / XCTUNE_CONFIG, path / "config.json"
     if ours.is_file():
-        data = _read(ours)
+        data = read_json(ours)
         names = {f.name for f in fields(XComposerConfig)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise BadInput(f"{ours}: unknown config fields {', '.join(unknown)}")
         if isinstance(data.get("hd_layout"), list):
             data["hd_layout"] = tuple(data["hd_layout"])
+        if "extra_adapters" in data:
+            try:
+                data["extra_adapters"] = tuple((str(a), int(r)) for a, r in data["extra_adapters"])
+            except (TypeError, ValueError):
+                raise BadInput(f"bad config {ours}: extra_adapters must be a list of [name, rank] pairs") from None
         missing = sorted(f.name for f in fields(XComposerConfig) if f.default is MISSING and f.name not in data)
         if missing:
             raise BadInput(f"bad config {ours}: missing {', '.join(missing)}")
         try:
-            return XComposerConfig(**data)
+            return XComposerConfig(**data), ()
         except BadInput as e:
             raise BadInput(f"bad config {ours}: {str(e).split(': ', 1)[-1]}") from None
     if theirs.is_file():
-        return config_from_hf(_read(theirs), path.name)
+        files = weight_files(path)
+        found = identify(path, read_json(theirs), files)
+        notes = [f"{path} is {found.variant.title} ({'; '.join(found.evidence)}); attention {found.config.attn}"]
+        omitted = [n for n in UNUSED_WEIGHTS if files is not None and files.names and n not in files.names]
+        if omitted:
+            notes.append(f"its index omits {', '.join(omitted)}: the forward never uses them; accepted")
+        return found.config, tuple(notes)
     raise BadInput(f"{path} has neither {XCTUNE_CONFIG} nor config.json")
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path} must hold a JSON object")
-    return data
-
-
-def config_from_hf(data: dict, name: str) -> XComposerConfig:
-    """Map an InternLM-XComposer2 `config.json` onto our config (fields it lacks keep IXC2-VL-7B values)."""
-    base = PRESETS["ixc2-vl-7b"]
-    hd = "hd_num" in data
-    def get(key, default):
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            raise BadInput(f"bad config: config.json of {name}: {key} = {shown(value)} must be a whole number")
-        return value
-
-    try:
-        return XComposerConfig(
-            name=name,
-            vocab_size=int(get("vocab_size", base.vocab_size)),
-            hidden_size=int(get("hidden_size", base.hidden_size)),
-            intermediate_size=int(get("intermediate_size", base.intermediate_size)),
-            num_layers=int(get("num_hidden_layers", base.num_layers)),
-            num_heads=int(get("num_attention_heads", base.num_heads)),
-            num_kv_heads=int(get("num_key_value_heads", base.num_kv_heads)),
-            plora_rank=256,
-            plora_rank_wqkv=8 if hd else 256,
-            max_position_embeddings=int(get("max_position_embeddings", base.max_position_embeddings)),
-            rope_theta=_number(data, "rope_theta", base.rope_theta, name),
-            rms_norm_eps=_number(data, "rms_norm_eps", base.rms_norm_eps, name),
-            image_size=336 if hd else int(get("img_size", base.image_size)),
-            hd=hd,
-        )
-    except BadInput as e:
-        if str(e).startswith("bad config:"):
-            raise
-        problem = re.sub(r"\b(\w+)\b", lambda m: _HF_KEYS.get(m.group(1), m.group(1)), str(e).split(": ", 1)[-1])
-        raise BadInput(f"bad config: config.json of {name}: {problem}") from None
-    except (TypeError, ValueError, OverflowError) as e:
-        raise BadInput(f"bad config: config.json of {name}: {shown(str(e), 160)}") from None
-
-
-_HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-            "image_size": "img_size"}  # our field -> the config.json key it comes from
-
-
-def _number(data: dict, key: str, default: float, name: str) -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInput(f"bad config: config.json of {name}: {key} = {shown(value)} must be a number")
-    return float(value)
-
-
-def save_checkpoint(model: XComposer, path: Path) -> None:
-    from safetensors.torch import save_file
-
+def save_checkpoint(model: XComposer, path: Path, *, format: str = "safetensors", shards: int = 1) -> None:
+    """Write `model` as xctune's checkpoint: xctune_config.json plus weights, sharded with an
+    index when `shards` > 1 (`format` "bin" writes torch.save shards, as the published IXC2 ones)."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.cfg)
     cfg["hd_layout"] = list(cfg["hd_layout"])
+    cfg["extra_adapters"] = [list(a) for a in cfg["extra_adapters"]]
     (path / XCTUNE_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
+    write_shards(state, path, format=format, shards=shards)
 
 
-def load_checkpoint(path: Path, config: XComposerConfig, trust_remote_code: bool = False) -> XComposer:
-    """The checkpoint's weights in our tree. safetensors are read directly (data only); anything
-    else (pickled `*.bin` shards, custom formats) goes through the checkpoint's own code, which
-    runs only with `trust_remote_code`."""
-    from safetensors.torch import load_file
+def write_shards(state: dict[str, torch.Tensor], path: Path, *, format: str = "safetensors", shards: int = 1) -> None:
+    """Weights as the Hugging Face layout: one file, or `shards` files of similar size plus an index."""
+    from safetensors.torch import save_file
 
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-    elif list(path.glob("*.bin")):
-        if not trust_remote_code:
-            raise BadInput(
-                f"{path} holds pickled *.bin weights: loading them runs code; pass --trust-remote-code to allow it"
-            )
-        try:
-            state = load_remote(str(path), trust_remote_code=True, torch_dtype=torch.float32).state_dict()
-        except BadInput:
-            raise
-        except Exception as e:  # their code, their error: one line
-            raise BadInput(f"could not load {path} with its own code: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if format not in ("safetensors", "bin"):
+        raise BadInput(f"unknown weight format {format!r}")
+    single = "model.safetensors" if format == "safetensors" else "pytorch_model.bin"
+    names = list(state)
+    if shards <= 1:
+        groups = [(single, names)]
     else:
-        raise BadInput(f"{path} holds no *.safetensors files")
+        total = sum(state[n].numel() * state[n].element_size() for n in names)
+        groups, current, size = [], [], 0
+        for n in names:
+            current.append(n)
+            size += state[n].numel() * state[n].element_size()
+            if size >= total / shards and len(groups) < shards - 1:
+                groups.append(current)
+                current, size = [], 0
+        groups.append(current)
+        stem, ext = single.rsplit(".", 1)
+        groups = [(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}", g) for i, g in enumerate(groups) if g]
+    for fname, group in groups:
+        part = {n: state[n] for n in group}
+        if format == "safetensors":
+            save_file(part, str(path / fname))
+        else:
+            torch.save(part, path / fname)
+    if shards > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {n: fname for fname, group in groups for n in group}}
+        (path / f"{single}.index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def load_checkpoint(path: Path, config: XComposerConfig, dtype: torch.dtype = torch.float32) -> XComposer:
+    """The checkpoint's weights in our tree, read as data shard by shard (checkpoint.py)."""
+    files = weight_files(path)
+    if files is None:
+        raise BadInput(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
     with torch.device("meta"):
         model = XComposer(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing:
-        raise BadInput(f"{path}: {len(missing)} weights missing, e.g. {missing[0]!r}")
-    if unexpected:
-        raise BadInput(f"{path}: {len(unexpected)} weights this architecture does not have, e.g. {unexpected[0]!r}")
-    # copies: own, aligned memory rather than views into the file
-    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, assign=True, strict=True)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state, omitted, _ = read_weights(files, expected, dtype)
+    for name in omitted:  # unused by the forward: the norm's neutral values
+        fill = torch.ones if name.endswith("weight") else torch.zeros
+        state[name] = fill(expected[name], dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    del state
     # buffers are not in the checkpoint: rebuild them on the CPU
     for module in model.modules():
         for name, buf in list(module._buffers.items()):

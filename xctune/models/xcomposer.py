@@ -22,6 +22,8 @@ entirely, as upstream does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,12 +46,19 @@ class RMSNorm(nn.Module):
 
 
 class PLoRA(nn.Linear):
-    """A linear layer plus a low-rank branch that applies only to image tokens."""
+    """A linear layer plus a low-rank branch that applies only to image tokens.
 
-    def __init__(self, in_features: int, out_features: int, rank: int):
+    `extra` adapters ((name, rank): `{name}_A`, `{name}_B`) are IXC2.5's adapters of other
+    inference modes: weights that live in the layer but the chat forward never runs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, extra: tuple[tuple[str, int], ...] = ()):
         super().__init__(in_features, out_features, bias=False)
         self.Plora_A = nn.Linear(in_features, rank, bias=False)
         self.Plora_B = nn.Linear(rank, out_features, bias=False)
+        for name, r in extra:
+            self.add_module(f"{name}_A", nn.Linear(in_features, r, bias=False))
+            self.add_module(f"{name}_B", nn.Linear(r, out_features, bias=False))
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = F.linear(x, self.weight)
@@ -102,12 +111,14 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_per_kv = cfg.num_heads // cfg.num_kv_heads
+        self.eager = cfg.attn == "eager"
         # wqkv packs, per KV head, its q_per_kv query heads then one key and one value head.
-        self.wqkv = PLoRA(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.plora_rank_wqkv)
-        self.wo = PLoRA(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.plora_rank)
+        extra = cfg.extra_adapters
+        self.wqkv = PLoRA(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.plora_rank_wqkv, extra)
+        self.wo = PLoRA(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.plora_rank, extra)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
 
-    def forward(self, x, im_mask, position_ids, layer_past):
+    def forward(self, x, im_mask, position_ids, layer_past, attention_mask=None):
         B, T, _ = x.shape
         qkv = self.wqkv(x, im_mask).view(B, T, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
         q = qkv[..., : self.q_per_kv, :].reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -119,18 +130,45 @@ class Attention(nn.Module):
             k = torch.cat([layer_past[0], k], dim=2)
             v = torch.cat([layer_past[1], v], dim=2)
         present = (k, v)
-        # Grouped-query attention: each KV head serves q_per_kv query heads
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=(layer_past is None and T > 1), enable_gqa=True)
+        if self.eager:
+            attn = _eager_attention(q, k, v, attention_mask, self.q_per_kv)
+        else:
+            # Grouped-query attention: each KV head serves q_per_kv query heads
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=(layer_past is None and T > 1), enable_gqa=True)
         attn = attn.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.wo(attn, im_mask), present
+
+
+def _eager_attention(q, k, v, mask, q_per_kv):
+    """The authors' eager path: KV heads repeated for their query heads, the full score tensor
+    [B, heads, T, S] plus the additive mask, softmax in fp32, then the weighted sum."""
+    k = k.repeat_interleave(q_per_kv, dim=1)
+    v = v.repeat_interleave(q_per_kv, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def eager_mask(batch: int, length: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The 4D additive mask the authors' code builds once per forward: [B, 1, T, past + T],
+    causal over the new tokens (a decode step's [B, 1, 1, S] masks nothing), in the
+    embeddings' dtype, on the embeddings' device."""
+    mask = torch.zeros(batch, 1, length, past + length, dtype=dtype, device=device)
+    if length > 1:
+        causal = torch.full((length, past + length), torch.finfo(dtype).min, dtype=dtype, device=device)
+        mask = mask + causal.triu(past + 1)
+    return mask
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: XComposerConfig):
         super().__init__()
-        self.w1 = PLoRA(cfg.hidden_size, cfg.intermediate_size, cfg.plora_rank)
-        self.w3 = PLoRA(cfg.hidden_size, cfg.intermediate_size, cfg.plora_rank)
-        self.w2 = PLoRA(cfg.intermediate_size, cfg.hidden_size, cfg.plora_rank)
+        extra = cfg.extra_adapters
+        self.w1 = PLoRA(cfg.hidden_size, cfg.intermediate_size, cfg.plora_rank, extra)
+        self.w3 = PLoRA(cfg.hidden_size, cfg.intermediate_size, cfg.plora_rank, extra)
+        self.w2 = PLoRA(cfg.intermediate_size, cfg.hidden_size, cfg.plora_rank, extra)
 
     def forward(self, x, im_mask):
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
@@ -144,16 +182,22 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, hidden_states, im_mask=None, position_ids=None, layer_past=None):
-        attn, present = self.attention(self.attention_norm(hidden_states), im_mask, position_ids, layer_past)
+    def forward(self, hidden_states, im_mask=None, position_ids=None, layer_past=None, attention_mask=None):
+        # A step without image tokens (decode: the authors pass an all-False im_mask) skips the
+        # LoRA branch, as upstream does; only a multi-token step can hold image tokens here.
+        lora_mask = im_mask if im_mask is not None and im_mask.shape[-1] > 1 else None
+        attn, present = self.attention(
+            self.attention_norm(hidden_states), lora_mask, position_ids, layer_past, attention_mask
+        )
         hidden_states = hidden_states + attn
-        hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states), im_mask)
+        hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states), lora_mask)
         return hidden_states, present
 
 
 class InternLM2Model(nn.Module):
     def __init__(self, cfg: XComposerConfig):
         super().__init__()
+        self.attn = cfg.attn
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -164,11 +208,20 @@ class InternLM2Model(nn.Module):
         B, T, _ = inputs_embeds.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device).unsqueeze(0).expand(B, T)
+        extra = {}
+        if self.attn != "sdpa":
+            # the authors' code: a step from token ids gets an all-False im_mask, and (eager) the
+            # 4D mask; both are built here, on the embeddings' device, and every decoder layer
+            # receives them (accelerate copies them to each layer on another device)
+            if im_mask is None:
+                im_mask = torch.zeros(B, T, dtype=torch.bool, device=inputs_embeds.device)
+            if self.attn == "eager":
+                extra["attention_mask"] = eager_mask(B, T, past_len, inputs_embeds.dtype, inputs_embeds.device)
         hidden_states, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             layer_past = None if past_key_values is None else past_key_values[i]
             hidden_states, present = layer(
-                hidden_states, im_mask=im_mask, position_ids=position_ids, layer_past=layer_past
+                hidden_states, im_mask=im_mask, position_ids=position_ids, layer_past=layer_past, **extra
             )
             presents.append(present)
         return self.norm(hidden_states), tuple(presents)
