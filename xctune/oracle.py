@@ -11,6 +11,10 @@ configurations are enumerated around it.
 
 `brute_force` evaluates every plan of the space with `Trace.evaluate`; tests check that both
 give the same optimum on small cases.
+
+A target's rules (`space.rules`, targets.PlanRules) narrow what the DP may build, in three
+places only: `rules.allows` filters the configurations, `rules.min_layers` is the least run
+per GPU, and moves of `rules.free_move_kinds` are not priced.
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ class Oracle:
                             if proj != "gpu" and e != 0:
                                 continue  # an offloaded vision_proj runs on the main GPU: embeddings must be there
                             for h in range(m, n):
+                                if not self.space.rules.allows(n, m, e, h):
+                                    continue
                                 configs += 1
                                 cost, counts = ctx.best_runs(n, m, e, h, k, tier, proj)
                                 if cost < best_cost:
@@ -156,10 +162,11 @@ class _Context:
 
         # moves: constant, per layer (one fixed end), or at a run boundary (consecutive layers)
         pair = {}  # layer j -> weighted bytes per phase of the moves between layers j-1 and j, by direction
+        free = o.space.rules.free_move_kinds
         for idx, mv in enumerate(rec.run.moves):
             s, d = int(rec.move_src[idx]), int(rec.move_dst[idx])
             wgt, nbytes = o.w.get(mv.phase, 0.0), int(rec.move_bytes[idx])
-            if not wgt:
+            if not wgt or mv.kind in free:
                 continue
             if fixed[s] and fixed[d]:
                 const += wgt * link_seconds(o.cluster, int(dev[s]), int(dev[d]), nbytes)
@@ -189,7 +196,8 @@ class _Context:
             nxt: dict = {}
             for (j, last), (cost, counts) in states.items():
                 ok = self.feasible(i, j, dev, offloaded, m, proj)
-                choices = range(0, L - j + 1) if i < n - 1 else [L - j]
+                least = o.space.rules.min_layers
+                choices = range(least, L - j + 1) if i < n - 1 else [L - j] if L - j >= least else []
                 for c in choices:
                     if not ok[j + c]:
                         continue
@@ -248,10 +256,10 @@ class _Context:
         return ok
 
 
-def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency) -> float | None:
+def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency, free_move_kinds=()) -> float | None:
     """End-to-end seconds of a plan that runs and fits, else None (the verdict a search trial gets)."""
     try:
-        est = trace.evaluate(plan, cluster, eff)
+        est = trace.evaluate(plan, cluster, eff, free_move_kinds)
     except InvalidPlan:
         return None
     placed = trace.unit_devices(plan)
@@ -269,11 +277,15 @@ def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficie
         for n in range(1, space.n_gpus + 1):
             for k, tier, proj in oracle.offload_choices():
                 for counts in _compositions(L - k, n):
+                    if min(counts) < space.rules.min_layers:
+                        continue
                     for e in range(n):
                         for h in range(n):
+                            if not space.rules.allows(n, 0, e, h):
+                                continue
                             plan = space.build(list(counts), e, h, dtypes, k, tier, proj)
                             count += 1
-                            e2e = feasible_e2e(trace, plan, cluster, eff)
+                            e2e = feasible_e2e(trace, plan, cluster, eff, space.rules.free_move_kinds)
                             if e2e is not None and e2e < best:
                                 best, best_plan = e2e, plan
     return Optimum(best_plan, best * 1e3, count, time.perf_counter() - t0)
@@ -304,7 +316,7 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
         for counts in _compositions(L - off[0], n)
         for e in range(n)
         for h in range(n)
-        if off[2] == "gpu" or e == 0
+        if (off[2] == "gpu" or e == 0) and space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers
     ] if _space_size(oracle) <= limit else None
     rng = random.Random(seed)
     if candidates is None:
@@ -316,11 +328,15 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
             cuts = sorted(rng.randint(0, L - off[0]) for _ in range(n - 1))
             counts = [b - a for a, b in zip([0, *cuts], [*cuts, L - off[0]])]
             e = 0 if off[2] != "gpu" else rng.randrange(n)
-            candidates.append((dtypes, n, off, counts, e, rng.randrange(n)))
+            h = rng.randrange(n)
+            if space.rules.first_and_last:
+                e, h = 0, n - 1
+            if space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers:
+                candidates.append((dtypes, n, off, counts, e, h))
     scored = {}
     for dtypes, n, (kk, tier, proj), counts, e, h in candidates:
         plan = space.build(list(counts), e, h, dtypes, kk, tier, proj)
-        e2e = feasible_e2e(trace, plan, cluster, eff)
+        e2e = feasible_e2e(trace, plan, cluster, eff, space.rules.free_move_kinds)
         if e2e is not None:
             scored.setdefault(plan.plan_id, (e2e, plan))
     return [p for _, p in sorted(scored.values(), key=lambda x: x[0])[:k]]

@@ -20,7 +20,16 @@ from .hardware import GiB
 from .plan import Plan, write_device_map
 from .record import fmt_bytes
 
-FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes"}
+FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes", "throughput": "tokens_per_s"}
+
+
+def better_first(objective: str, value) -> float:
+    """A sort key that puts the best value of `objective` first (throughput is maximised)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.inf
+    from .study import MAXIMISED
+
+    return -value if objective in MAXIMISED else value
 
 
 def layout(plan: Plan, profile) -> str:
@@ -68,9 +77,7 @@ def collect_rows(study: optuna.Study, objectives) -> list[dict]:
     key = FIRST[objectives[0]]
 
     def order(r):
-        value = r.get(key)
-        value = math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else value
-        return (0 if r.get("feasible") else 1 if r.get("status") in ("ok", "oom") else 2, value)
+        return (0 if r.get("feasible") else 1 if r.get("status") in ("ok", "oom") else 2, better_first(objectives[0], r.get(key)))
 
     rows.sort(key=order)
     return rows
@@ -88,7 +95,7 @@ def pick_best(result, evaluator) -> None:
         candidates = [r for r in candidates if r.get("trial") in front] or candidates
         for r in result.records:
             r["pareto"] = r.get("trial") in front
-    candidates.sort(key=lambda r: r.get(key, math.inf))
+    candidates.sort(key=lambda r: better_first(spec.objectives[0], r.get(key)))
     for r in candidates[:5]:
         plan = Plan.from_dict(r["_plan"])
         if spec.real:

@@ -3,8 +3,10 @@
     name = "default"
     model = "ixc2-vl-7b"
     trials = 50
-    objectives = ["latency"]          # any of latency, peak_mem, transfer
-    [cluster]   gpus = "2x24GiB"  link = "pcie4"  headroom = 0.10
+    objectives = ["latency"]          # any of latency, peak_mem, transfer, throughput
+    target = "accelerate"             # or "vllm-pp", "torch-pipelining" (targets.py)
+    [cluster]   gpus = "2x24GiB"  link = "pcie4"  headroom = 0.10   (nodes: "2x[4xa10]@ib-hdr")
+    [serving]   requests_in_flight = 1  tensor_parallel = "none"     (vllm-pp: "node")
     [workload]  images = 1  prompt_tokens = 64  new_tokens = 32  batch = 1
     [space]     dtypes = ["fp32", "fp16", "bf16"]  mixed_precision = true  offload = []
     [real]      enabled = false  repeats = 3  fidelity_floor = 0.0  seed_plans = 3
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .space import SpaceOptions
+from .targets import TargetSpec
 from .workload import Workload
 
 if sys.version_info >= (3, 11):
@@ -31,7 +34,9 @@ OBJECTIVES = {
     "latency": "end-to-end latency of the workload, ms (e2e_ms)",
     "peak_mem": "peak memory of the fullest device, bytes (peak_bytes_max)",
     "transfer": "bytes moved between devices over the workload (transfer_bytes)",
+    "throughput": "tokens per second with the target's requests in flight (tokens_per_s; maximised)",
 }
+MAXIMISED = ("throughput",)
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 
 
@@ -44,6 +49,7 @@ class StudySpec:
     headroom: float = 0.10
     workload: Workload = field(default_factory=Workload)
     space: SpaceOptions = field(default_factory=SpaceOptions)
+    target: TargetSpec = field(default_factory=TargetSpec)
     objectives: tuple[str, ...] = ("latency",)
     trials: int = 50
     sampler: str = "auto"
@@ -107,9 +113,10 @@ def load_study(path) -> StudySpec:
         raise BadInput(f"{path} is not valid TOML: {e}") from None
     where = str(path)
     top = {"name", "model", "trials", "objectives", "sampler", "seed", "baselines", "baseline_dtype",
-           "cluster", "workload", "space", "real", "description"}
+           "cluster", "workload", "space", "real", "description", "target", "serving"}
     _known(data, top, where)
-    cluster, work, space, real = (_table(data, k, where) for k in ("cluster", "workload", "space", "real"))
+    cluster, work, space, real, serving = (_table(data, k, where) for k in ("cluster", "workload", "space", "real", "serving"))
+    _known(serving, {"requests_in_flight", "tensor_parallel"}, f"{where} [serving]")
     _known(cluster, {"gpus", "link", "headroom"}, f"{where} [cluster]")
     _known(work, {"images", "prompt_tokens", "new_tokens", "batch", "hd_layout", "seed"}, f"{where} [workload]")
     _known(space, {"dtypes", "mixed_precision", "offload", "max_devices", "skip_keys"}, f"{where} [space]")
@@ -125,6 +132,7 @@ def load_study(path) -> StudySpec:
             headroom=float(cluster.get("headroom", 0.10)),
             workload=workload,
             space=options,
+            target=TargetSpec(data.get("target", "accelerate"), **serving),
             objectives=tuple(data.get("objectives", ["latency"])),
             trials=data.get("trials", 50),
             sampler=data.get("sampler", "auto"),
