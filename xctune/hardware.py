@@ -635,6 +635,8 @@ def parse_nodes(spec: str, extra: Mapping[str, GPUSpec] | None = None) -> tuple[
             raise BadInput(f"--gpus {text!r}: '@' and '+' describe nodes; write each node in brackets, "
                            f"e.g. '2x[4xa10]@ib-hdr'")
         return (NodeSpec(parse_gpus(text, extra)),), None
+    if text.count("[") != text.count("]"):
+        raise BadInput(f"--gpus {text!r}: unbalanced brackets; write each node as [GPUS], e.g. '2x[4xa10]@ib-hdr'")
     body, network = text, None
     if not text.endswith("]"):
         at = text.rfind("@")

@@ -127,26 +127,6 @@ def _ratio_rows(result) -> list[dict]:
     return out
 
 
-LOADER = '''"""Load the best map the fast way (written by xctune search).
-
-A bare `from_pretrained(device_map=...)` under transformers 5 does not skip the KV cache when
-it moves outputs between GPUs (the remote code's skip keys arrive as a set of letters): the
-cache then crosses GPUs at every decode step. These lines put the skip keys right.
-"""
-import json
-
-import torch
-from transformers import AutoModel
-
-PATH = "internlm/internlm-xcomposer2-vl-7b"  # your checkpoint
-device_map = json.load(open("best_map.json"))
-model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torch.{dtype}, device_map=device_map).eval()
-hook = getattr(model, "_hf_hook", None)
-if hook is not None:  # the root hook sends outputs back to the first GPU: not the cache
-    hook.skip_keys = ["past_key_values", "cache"]
-{mixed}'''
-
-
 def write_outputs(result) -> dict[str, Path]:
     out = result.spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -172,21 +152,35 @@ def write_outputs(result) -> dict[str, Path]:
     if result.best_plan is not None:
         files["best_map.json"] = out / "best_map.json"
         write_device_map(result.best_plan, files["best_map.json"])
+        files.update(_exports(result, out))
         files["best_plan.json"] = out / "best_plan.json"
         files["best_plan.json"].write_text(json.dumps(_best_plan_doc(result), indent=1, default=str) + "\n")
-        files["load_best_map.py"] = out / "load_best_map.py"
-        dt = result.best_plan.dtypes["lm"]
-        mixed = ""
-        if result.best_plan.mixed:
-            mixed = (f"# The plan mixes precisions ({result.best_plan.dtype_label}): cast each group as best_plan.json says,\n"
-                     f"# e.g. model.vit.to(torch.{_torch_name(result.best_plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
-        files["load_best_map.py"].write_text(LOADER.format(dtype=_torch_name(dt), mixed=mixed))
     files.update(_plots(result, out))
     return files
 
 
-def _torch_name(d: str) -> str:
-    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[d]
+def _exports(result, out: Path) -> dict[str, Path]:
+    """The files each engine takes (xctune/export): accelerate's loader for an accelerate study;
+    vLLM's and torch pipelining's for a pipeline study. Each is validated as it is written."""
+    from .errors import BadInput
+    from .export import ExportInvalid, export_plan
+
+    spec = result.spec
+    targets = ["vllm-pp", "torch-pipelining"] if spec.target.pipelined else ["accelerate"]
+    if spec.real:
+        targets = []  # a measured plan of logical devices: best_map.json is what it is
+    files = {}
+    for target in targets:
+        try:
+            exp = export_plan(target, result.best_plan, result.profile, result.cluster, spec.workload, out,
+                              serving=spec.target, tp_size=result.tp_size, record=result.best)
+        except (BadInput, ExportInvalid) as e:
+            result.exports.append((target, None, str(e)))
+            continue
+        result.exports.append((target, exp, ""))
+        for name, path in exp.files.items():
+            files[str(path.relative_to(out))] = path
+    return files
 
 
 def _best_plan_doc(result) -> dict:
@@ -204,7 +198,15 @@ def _best_plan_doc(result) -> dict:
         "baselines": _ratio_rows(result),
         "how_to_load": "json.load(open('best_map.json')) as device_map= of from_pretrained; see load_best_map.py "
                        "for the skip keys that keep the KV cache in place",
+        "target": spec.target.to_dict(),
+        "gpus": spec.gpus,
+        "link": spec.link,
+        "exports": {t: {"folder": str(e.folder), "supported": e.supported, "statement": e.statement,
+                        "checks": list(e.checks)} if e else {"error": err}
+                    for t, e, err in result.exports},
     }
+    if spec.target.pipelined:
+        doc["how_to_load"] = "a pipeline plan: see vllm/ and torch_pipelining/ (best_map.json is its device map, for xctune check)"
     if result.optimum is not None and result.optimum.plan is not None:
         doc["optimum"] = {
             "e2e_ms": result.optimum.e2e_ms,
@@ -297,6 +299,30 @@ def _save(fig, path: Path, size=None) -> Path:
     return path
 
 
+def _serving_lines(result, best: dict) -> list[str]:
+    """Target, inter-node transfer, throughput and exports of the best plan."""
+    spec, lines = result.spec, []
+    t = spec.target
+    if t.pipelined or t.requests_in_flight > 1 or best.get("internode_bytes_per_token") is not None:
+        stages = {k.split(".", 1)[1]: v for k, v in best.items() if k.startswith("stage_decode_ms.") and v is not None}
+        slowest = max(stages, key=stages.get) if stages else None
+        tp = f", tensor parallel {result.tp_size} GPUs per stage" if result.tp_size > 1 else ""
+        lines.append(f"      target {t.name}{tp}: {best.get('tokens_per_s', float('nan')):.1f} tokens/s with "
+                     f"{t.requests_in_flight} request(s) in flight"
+                     + (f" (slowest stage {slowest}: {stages[slowest]:.2f} ms per decode step)" if slowest else "")
+                     + f"  [{best.get('source')}]")
+    if best.get("internode_bytes_per_token") is not None:
+        lines.append(f"      between nodes ({result.cluster.network.name}): {fmt_bytes(best['internode_bytes_per_token'])} "
+                     f"per token, {fmt_bytes(best.get('internode_bytes_prefill') or 0)} in vision + prefill")
+    for target, exp, err in result.exports:
+        if exp is None:
+            lines.append(f"      export {target}: not written: {err}")
+        else:
+            note = "" if exp.supported else " (the engine does not run this model: see its README.md)"
+            lines.append(f"      export {target}: {exp.folder}/ validated ({len(exp.checks)} checks){note}")
+    return lines
+
+
 def summary(result) -> str:
     spec, best = result.spec, result.best
     world = "measured on this machine" if spec.real else "simulated on a virtual cluster"
@@ -312,6 +338,7 @@ def summary(result) -> str:
     lines.append(f"      e2e {best['e2e_ms']:.1f} ms (prefill {best['prefill_ms']:.1f}, decode {best['decode_ms_per_token']:.2f} ms/token), "
                  f"peak {fmt_bytes(best['peak_bytes_max'])}, moved {fmt_bytes(best['transfer_bytes'])}  [{best.get('source')}]")
     lines.append(f"      {result.verified}")
+    lines += _serving_lines(result, best)
     for row in _ratio_rows(result):
         if "ratio" in row and row["ratio"]:
             lines.append(f"  vs {row['baseline']:<38} {row['ratio']:.2f}x the best's {key}")

@@ -151,6 +151,8 @@ class SearchResult:
     interrupted: bool = False
     new_trials: int = 0
     evaluator: object = None
+    tp_size: int = 1  # GPUs per stage device (vllm-pp with tensor_parallel = "node")
+    exports: list = field(default_factory=list)  # (target, Export | None, error) written with the outputs
 
 
 def trace_cache_dir() -> Path:
@@ -240,7 +242,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache, tp)
     study = open_study(spec)
     _check_identity(study, spec, cluster)
-    result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator)
+    result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator, tp_size=tp.size if tp else 1)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
     _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log)
