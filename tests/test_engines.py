@@ -302,10 +302,12 @@ def test_torch_pipelining_export_runs_in_two_processes_with_the_tokens_of_one(ti
 def test_two_node_study_on_the_tiny_model(tmp_path):
     """A vllm-pp study over two nodes: a plan, its inter-node bytes per token, both exports; with
     4 requests in flight the throughput study's plan beats the batch-1 (latency) plan's tokens/s."""
-    base = StudySpec(name="tn", model="tiny", gpus="2x[2x3MiB]@eth-100g", workload=W, trials=12,
+    base = StudySpec(name="tn", model="tiny", gpus="2x[2x5MiB]@eth-100g", workload=W, trials=12,
                      space=SpaceOptions(dtypes=("fp32",)), target=TargetSpec("vllm-pp"),
                      baselines=("authors", "vllm-default", "single"), out=str(tmp_path / "lat"))
     lat = run_search(base, **QUIET)
+    one_node = make_cluster("[2x5MiB]")
+    assert Oracle(lat.evaluator.trace, SearchSpace(lat.profile, one_node, base.space, PIPE), one_node).solve().plan is None
     assert lat.best is not None and lat.optimum is not None and lat.optimum.plan is not None
     pipeline_stages(lat.best_plan, lat.profile)
     assert lat.best["internode_bytes_per_token"] > 0

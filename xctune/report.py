@@ -350,6 +350,9 @@ def summary(result) -> str:
         for r in front[:6]:
             values = ", ".join(f"{o} {fmt_bytes(r[FIRST[o]]) if o != 'latency' else f'{r[FIRST[o]]:.1f} ms'}" for o in spec.objectives)
             lines.append(f"  {r.get('label'):<12} {values}  {layout(Plan.from_dict(r['_plan']), result.profile)}")
+    if result.optimum is None and not spec.real and (key != "e2e_ms" or spec.target.requests_in_flight > 1):
+        lines.append("exact optimum: computed for the latency of one request only (the throughput of several in "
+                     "flight is a max over stages, not the sum the dynamic programme minimises)")
     if result.optimum is not None and result.optimum.plan is not None:
         gap = best["e2e_ms"] / result.optimum.e2e_ms - 1
         lines.append(f"exact optimum of the cost model: {result.optimum.e2e_ms:.1f} ms "

@@ -44,7 +44,7 @@ def vllm_support(config: XComposerConfig) -> EngineSupport:
         f"branches of InternLM-XComposer2). The partition and command below are what vLLM's pipeline "
         f"parallelism takes (VLLM_PP_LAYER_PARTITION sums to the model's {config.num_layers} decoder layers); "
         f"they run once vLLM implements the architecture. Today, run this plan with torch pipelining "
-        f"(../torch_pipelining/) or, on one node, with accelerate (best_map.json).",
+        f"(../torch_pipelining/); a plan that stays on one node also runs with accelerate (best_map.json).",
     )
 
 
