@@ -226,6 +226,8 @@ def _markdown(df, result) -> str:
     cols = [("rank", "#"), ("label", "trial"), ("status", "status"), ("layout", "layout"),
             ("dtypes.lm", "lm dtype"), ("e2e_ms", "e2e ms"), ("decode_ms_per_token", "decode ms/tok"),
             ("peak_bytes_max", "peak"), ("transfer_bytes", "moved"), ("fidelity_top1", "top-1")]
+    if spec.target.pipelined or "throughput" in spec.objectives:
+        cols += [("tokens_per_s", "tokens/s"), ("internode_bytes_per_token", "network/token")]
     cols = [(c, h) for c, h in cols if c in df.columns]
     lines.append("| " + " | ".join(h for _, h in cols) + " |")
     lines.append("|" + "---|" * len(cols))
@@ -237,7 +239,8 @@ def _markdown(df, result) -> str:
                 v = f"**{r['baseline']}** (baseline)"
             if c == "status" and r.get("status") == "ok" and not r.get("feasible"):
                 v = "ok (over memory)"
-            if c in ("peak_bytes_max", "transfer_bytes") and isinstance(v, (int, float)) and not math.isnan(v):
+            if c in ("peak_bytes_max", "transfer_bytes", "internode_bytes_per_token") and isinstance(v, (int, float)) \
+                    and not math.isnan(v):
                 v = fmt_bytes(v)
             elif isinstance(v, float):
                 v = "" if math.isnan(v) else f"{v:.4g}"
@@ -332,6 +335,9 @@ def summary(result) -> str:
         lines.append("interrupted: the finished trials are kept in the study; run the same command to resume")
     if not best:
         lines.append("no feasible plan found")
+        if result.optimum is not None and result.optimum.plan is None:
+            lines.append(f"exact optimum of the cost model: no plan of the space fits ({result.optimum.configs} "
+                         f"configuration(s) solved)")
         return "\n".join(lines)
     key = FIRST[spec.objectives[0]]
     lines.append(f"best: {best.get('label')}  {layout(result.best_plan, result.profile)}  dtypes {result.best_plan.dtype_label}")

@@ -216,7 +216,9 @@ class Trace:
 
         # moves: logged crossings whose two ends sit on different devices, plus offload streams
         src, dst = exec_dev[rec.move_src], exec_dev[rec.move_dst]
-        moved = [k for k in np.nonzero(src != dst)[0] if rec.run.moves[k].kind not in free_move_kinds]
+        moved = np.nonzero(src != dst)[0]
+        if free_move_kinds:
+            moved = [k for k in moved if rec.run.moves[k].kind not in free_move_kinds]
         moves = [(rec.run.moves[k].phase, int(src[k]), int(dst[k]), int(rec.move_bytes[k]), rec.run.moves[k].kind) for k in moved]
         for i in np.nonzero(offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
             # one load per module that owns parameters, as accelerate's offload hooks do it
