@@ -316,6 +316,11 @@ def test_two_node_study_on_the_tiny_model(tmp_path):
     files = write_outputs(lat)
     assert "vllm/launch_vllm.sh" in files and "torch_pipelining/split_spec.json" in files
     assert "between nodes (eth-100g)" in summary(lat)
+    # the study folder carries model, cluster, workload and target: `xctune export` needs nothing else
+    assert main(["export", str(tmp_path / "lat"), "--target", "torch-pipelining", "--out", str(tmp_path / "again"),
+                 "--json"]) == 0
+    again = json.loads((tmp_path / "again" / "torch_pipelining" / "split_spec.json").read_text())
+    assert again == json.loads((tmp_path / "lat" / "torch_pipelining" / "split_spec.json").read_text())
     thr = run_search(with_overrides(base, objectives=("throughput",), target=TargetSpec("vllm-pp", requests_in_flight=4),
                                     out=str(tmp_path / "thr")), **QUIET)
     assert thr.best["tokens_per_s"] > lat.best["tokens_per_s"]
