@@ -337,3 +337,23 @@ def test_study_files_name_their_target(tmp_path):
     bad.write_text('target = "torch-pipelining"\n[serving]\ntensor_parallel = "node"\n')
     with pytest.raises(BadInput, match="for target vllm-pp"):
         load_study(bad)
+
+
+def test_vllm_export_of_tensor_parallel_stages_and_of_a_supported_model(tiny, tmp_path, monkeypatch):
+    full = make_cluster("2x[4x1GiB@nvlink3]@ib-hdr")
+    stages = tp_cluster(full)
+    plan = Plan.uniform(pipeline_map(tiny, [3, 1]), "bf16")
+    serving = TargetSpec("vllm-pp", tensor_parallel="node")
+    exp = export_plan("vllm-pp", plan, tiny, stages, W, tmp_path / "tp", serving=serving, tp_size=4)
+    script = exp.files["launch_vllm.sh"].read_text()
+    assert "--pipeline-parallel-size 2" in script and "--tensor-parallel-size 4" in script
+    assert 'VLLM_PP_LAYER_PARTITION="3,1"' in script and "4 GPUs (tensor parallel)" in script
+    with pytest.raises(BadInput, match="stage per GPU"):
+        export_plan("torch-pipelining", plan, tiny, stages, W, tmp_path / "tp", tp_size=4)
+    # where vLLM implements the model, the script runs the command with no guard
+    from xctune.models.engines import EngineSupport
+    import xctune.export.vllm as vllm_export
+
+    monkeypatch.setattr(vllm_export, "vllm_support", lambda cfg: EngineSupport("vllm", True, "X", "supported"))
+    exp = export_plan("vllm-pp", plan, tiny, stages, W, tmp_path / "ok", serving=serving, tp_size=4)
+    assert exp.supported and "XCTUNE_FORCE" not in exp.files["launch_vllm.sh"].read_text()
