@@ -8,6 +8,10 @@
   (balanced = with `get_balanced_memory`, what `device_map="auto"` does), computed on a `meta`
   instance of the model. These may break co-location; `repair` gives the nearest valid map.
 - `single`: everything on GPU 0.
+- `vllm-default`: vLLM's own partition when `VLLM_PP_LAYER_PARTITION` is not set, one stage per
+  GPU (vllm/distributed/utils.py `get_pp_indices`, as its docstring states the rule: L // N
+  layers each; the remainder one each to the middle stages when it fits there, else to every
+  stage but the last), vision and embeddings on the first GPU, the head on the last.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .models import XComposer
 from .plan import Plan, resolve
 from .profile import DTYPES, ModelProfile
 
-BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single")
+BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single", "vllm-default")
 NO_SPLIT = ["DecoderLayer", "CLIPEncoderLayer"]
 
 
@@ -40,6 +44,25 @@ def authors_map(profile: ModelProfile, n_gpus: int) -> dict:
         dmap[layer] = gpu
         used += 1
     return dmap
+
+
+def vllm_default_counts(layers: int, stages: int) -> list[int]:
+    """Decoder layers per pipeline stage in vLLM's default partition."""
+    if not 1 <= stages <= layers:
+        raise BadInput(f"vLLM's default partition needs 1..{layers} stages, got {stages}")
+    counts = [layers // stages] * stages
+    rest = layers % stages
+    middle = list(range(1, stages - 1))
+    targets = middle if stages > 2 and rest <= len(middle) else list(range(stages - 1)) or [0]
+    for i in range(rest):
+        counts[targets[-1 - (i % len(targets))]] += 1
+    return counts
+
+
+def vllm_default_map(profile: ModelProfile, n_gpus: int) -> dict:
+    from .targets import pipeline_map
+
+    return pipeline_map(profile, vllm_default_counts(len(profile.layers), n_gpus))
 
 
 def accelerate_map(profile: ModelProfile, cluster: Cluster, dtype: str, strategy: str = "balanced") -> dict:
@@ -79,6 +102,8 @@ def baseline_map(name: str, profile: ModelProfile, cluster: Cluster, dtype: str 
         return accelerate_map(profile, cluster, dtype, "balanced")
     if name == "single":
         return single_map(profile)
+    if name == "vllm-default":
+        return vllm_default_map(profile, min(len(cluster.gpus), len(profile.layers)))
     raise BadInput(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
 
 

@@ -51,10 +51,11 @@ def _add_cluster(p: argparse.ArgumentParser, default: str | None = "2x24GiB") ->
     p.add_argument(
         "--gpus",
         default=default,
-        help="GPUs: comma-separated [N x]KIND, KIND a preset (rtx4090, a100-40g, ...) or a memory size (24GiB)"
+        help="GPUs: comma-separated [N x]KIND, KIND a preset (rtx4090, a100-40g, ...) or a memory size (24GiB); "
+        "several nodes: [N x][GPUS] groups joined by +, then @NETWORK, e.g. 2x[4xa10]@ib-hdr"
         + (" (default: %(default)s)" if default else ""),
     )
-    p.add_argument("--link", default="pcie4", help="link between GPUs: pcie3, pcie4, pcie5, nvlink2-4 (default: %(default)s)")
+    p.add_argument("--link", default="pcie4", help="link between GPUs of a node: pcie3, pcie4, pcie5, nvlink2-4 (default: %(default)s)")
     p.add_argument(
         "--headroom", type=float, default=0.10, help="fraction of each GPU's memory kept free (default: %(default)s)"
     )
@@ -242,6 +243,14 @@ def cmd_search(args) -> int:
         changes["real"] = True
     if args.trust_remote_code:
         changes["trust_remote_code"] = True
+    if args.target or args.requests_in_flight or args.tensor_parallel:
+        from dataclasses import replace
+
+        from .targets import TargetSpec
+
+        t = spec.target
+        changes["target"] = TargetSpec(args.target or t.name, args.tensor_parallel or t.tensor_parallel,
+                                       args.requests_in_flight or t.requests_in_flight)
     spec = with_overrides(spec, **changes)
     quiet = args.json
     result = run_search(spec, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr)))
@@ -270,6 +279,66 @@ def cmd_search(args) -> int:
               f"written; the same command resumes (the interrupted trial first)", file=sys.stderr)
         return 130
     return 0 if result.best else 1
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import ExportInvalid, export_plan
+    from .hardware import make_cluster
+    from .models.loading import resolve_model
+    from .plan import Plan, load_plan
+    from .targets import TargetSpec, target_cluster, tp_size
+    from .workload import Workload
+
+    source = Path(args.plan)
+    study: dict = {}
+    if source.is_dir():
+        doc = source / "best_plan.json"
+        if not doc.is_file():
+            raise BadInput(f"{source} has no best_plan.json: give a study folder, a plan JSON or a device map")
+        try:
+            study = json.loads(doc.read_text())
+            plan = Plan.from_dict(study["plan"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadInput(f"{doc} is not a best_plan.json of xctune search ({type(e).__name__}: {e})") from None
+    else:
+        plan = load_plan(source, dtype=args.dtype or None)
+    target_doc = study.get("target") or {}
+    target = args.target or target_doc.get("name") or "accelerate"
+    tp = (args.tensor_parallel or target_doc.get("tensor_parallel") or "none") if target == "vllm-pp" else "none"
+    serving = TargetSpec(target, tp, int(target_doc.get("requests_in_flight", 1)))
+    gpus = args.gpus or study.get("gpus")
+    if not gpus:
+        raise BadInput("--gpus is required (the cluster the plan is for), unless PLAN is a study folder")
+    full = make_cluster(gpus, link=args.link or study.get("link") or "pcie4", headroom=args.headroom)
+    cluster = target_cluster(full, serving)
+    spec = resolve_model(args.model or study.get("model") or "ixc2-vl-7b", args.trust_remote_code)
+    base = Workload(**{k: tuple(v) if k == "hd_layout" and v else v for k, v in study["workload"].items()}) \
+        if study.get("workload") else None
+    workload = _workload(args, base)
+    out = Path(args.out) if args.out else (source if source.is_dir() else Path("export"))
+    record = study.get("record")
+    try:
+        exp = export_plan(target, plan, spec.profile, cluster, workload, out, serving=serving,
+                          tp_size=tp_size(full, serving), record=record)
+    except ExportInvalid as e:
+        print(f"xctune: the export fails its validation: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        _emit_json({"target": exp.target, "folder": str(exp.folder), "supported": exp.supported,
+                    "statement": exp.statement, "checks": list(exp.checks),
+                    "files": {k: str(v) for k, v in exp.files.items()}})
+    else:
+        print(f"{exp.target} export of {spec.config.name} on {cluster.describe()}: {exp.folder}/")
+        for name, path in exp.files.items():
+            print(f"  {path}")
+        print("validated:")
+        for c in exp.checks:
+            print(f"  - {c}")
+        if not exp.supported:
+            print(f"note: {exp.statement}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -315,7 +384,7 @@ def cmd_constraints(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .hardware import GPU_PRESETS, LINK_PRESETS, GiB
+    from .hardware import GPU_PRESETS, LINK_PRESETS, NETWORK_PRESETS, GiB
     from .models import PRESETS
     from .profile import profile_of
 
@@ -326,6 +395,8 @@ def cmd_presets(args) -> int:
             for n, g in GPU_PRESETS.items()
         },
         "links": {n: {"bandwidth_gbs": l.bandwidth_gbs, "latency_us": l.latency_us} for n, l in LINK_PRESETS.items()},
+        "networks": {n: {"bandwidth_gbs": l.bandwidth_gbs, "latency_us": l.latency_us, "source": l.source}
+                     for n, l in NETWORK_PRESETS.items()},
     }
     if args.json:
         _emit_json(rows)
@@ -339,6 +410,9 @@ def cmd_presets(args) -> int:
         print(f"  {n:<10} {r['memory_GiB']:>5.0f} GiB  {r['mem_bw_gbs']:>6.0f} GB/s  TFLOP/s: {tf}")
     print("links:")
     for n, r in rows["links"].items():
+        print(f"  {n:<11} {r['bandwidth_gbs']:>6g} GB/s  {r['latency_us']:g} us")
+    print("networks between nodes (--gpus '2x[4xa10]@NETWORK'):")
+    for n, r in rows["networks"].items():
         print(f"  {n:<11} {r['bandwidth_gbs']:>6g} GB/s  {r['latency_us']:g} us")
     return 0
 
@@ -393,8 +467,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "is failed and run again (default 5)")
     p.add_argument("--loader", choices=["xctune", "from_pretrained"], default=None,
                    help="the loading path to optimise for (default: the study's, else xctune's loader)")
+    p.add_argument("--target", choices=["accelerate", "vllm-pp", "torch-pipelining"],
+                   help="the engine that runs the plan (default: the study's, else accelerate)")
+    p.add_argument("--requests-in-flight", type=int, help="micro-batches in flight for tokens/s (default: the study's, else 1)")
+    p.add_argument("--tensor-parallel", choices=["none", "node"], help="vllm-pp: a stage per GPU (none) or per node (node)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "export",
+        help="write the files an engine runs for a plan (vLLM, torch pipelining, accelerate), validated",
+        description="PLAN is a study folder (its best_plan.json: model, cluster and target come with it), a plan "
+        "JSON or a device map. Every export is validated: the partition sums to the text model's layers, it "
+        "round-trips into the same plan, and xctune check judges that plan (it runs, every stage fits). "
+        "vLLM need not be installed. Exit 0: written and valid; 1: the plan fails a check; 2: bad input.",
+    )
+    p.add_argument("plan", help="study folder (with best_plan.json), plan JSON or device map JSON")
+    p.add_argument("--target", choices=["accelerate", "vllm-pp", "torch-pipelining"],
+                   help="engine (default: the study's target, else accelerate)")
+    p.add_argument("--model", default=None, help="model preset or checkpoint directory (default: the study's, else ixc2-vl-7b)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own code to run when loading it")
+    p.add_argument("--gpus", default=None, help="cluster (default: the study's); nodes as in `search`")
+    p.add_argument("--link", default=None, help="link between GPUs of a node (default: the study's, else pcie4)")
+    p.add_argument("--headroom", type=float, default=0.10, help="fraction of each GPU's memory kept free (default: %(default)s)")
+    p.add_argument("--tensor-parallel", choices=["none", "node"], default=None, help="vllm-pp: a stage per node, TP inside")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="precision of a bare map (default fp16)")
+    _add_workload(p)
+    p.add_argument("--out", help="output folder (default: the study folder, else ./export)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "bench",

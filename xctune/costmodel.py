@@ -165,6 +165,9 @@ class Estimate:
     moves: list[tuple[str, object, object, int, str]] = field(default_factory=list)  # (phase, src, dst, bytes, kind)
     peak_bytes: dict = field(default_factory=dict)  # device -> activations + KV at peak
     kv_bytes: dict = field(default_factory=dict)
+    # (phase, GPU) -> the seconds of that phase spent on that GPU: its calls, plus the moves it
+    # sends (offload streams count on the GPU they land on). What a pipeline stage costs (targets.py).
+    device_phase_s: dict = field(default_factory=dict)
 
     def workload_transfers(self, new_tokens: int) -> tuple[int, int, dict]:
         """(bytes, count, bytes per link) over the whole workload: vision + prefill + every decode step."""
@@ -211,11 +214,17 @@ def combine(
     cluster: Cluster,
     new_tokens: int,
     eff: Efficiency,
+    device_compute: dict | None = None,
 ) -> Estimate:
-    """Phase times from compute seconds and the moves of one run."""
+    """Phase times from compute seconds and the moves of one run (each move over the link it
+    crosses: a node's own link, or the network between nodes). `device_compute`, (phase, GPU) ->
+    seconds, gives the per-GPU split of the compute."""
     transfer = defaultdict(float)
+    per_device = defaultdict(float, device_compute or {})
     for phase, src, dst, n, kind in moves:
-        transfer[phase] += link_seconds(cluster, src, dst, n, eff)
+        secs = link_seconds(cluster, src, dst, n, eff)
+        transfer[phase] += secs
+        per_device[(phase, src if isinstance(src, int) else dst)] += secs
     phase_s = {p: phase_compute.get(p, 0.0) + transfer.get(p, 0.0) for p in ("vision", "prefill", "decode", "decode_last")}
     if new_tokens <= 1:
         per_token = 0.0
@@ -225,7 +234,8 @@ def combine(
         # a decode step's cost is affine in the cache length: the mean of the first and last is the mean of all
         per_token = (phase_s["decode"] + phase_s["decode_last"]) / 2
     e2e = phase_s["vision"] + phase_s["prefill"] + per_token * max(new_tokens - 1, 0)
-    return Estimate(phase_s, dict(transfer), per_token, e2e, list(moves))
+    return Estimate(phase_s, dict(transfer), per_token, e2e, list(moves),
+                    device_phase_s=dict(per_device) if device_compute is not None else {})
 
 
 def price_calls(

@@ -39,9 +39,12 @@ __all__ = [
     "Cluster",
     "GPU_PRESETS",
     "LINK_PRESETS",
+    "NETWORK_PRESETS",
     "DEFAULT_GPU_LINK",
     "MAX_GPUS",
     "parse_gpus",
+    "parse_nodes",
+    "NodeSpec",
     "make_cluster",
 ]
 
@@ -319,6 +322,27 @@ LINK_PRESETS: dict[str, LinkSpec] = {
 
 DEFAULT_GPU_LINK = "pcie4"
 
+# Networks between nodes. Bandwidth: the signalling rate of the standard (per direction, a
+# 4x InfiniBand port). Latency: order of magnitude of one small message between two GPUs of
+# different nodes — an assumption, like the link latencies above: kernel TCP/IP through NCCL's
+# socket transport on Ethernet, RDMA verbs on InfiniBand.
+_ETH_LATENCY_US = 25.0
+_IB_LATENCY_US = 2.0
+_IEEE_8023 = "IEEE 802.3 Ethernet standard (802.3ba: 100 Gb/s; 802.3bs: 200 and 400 Gb/s), https://standards.ieee.org/ieee/802.3/"
+_IBTA = "InfiniBand Trade Association roadmap (4x port data rates), https://www.infinibandta.org/infiniband-roadmap/"
+
+NETWORK_PRESETS: dict[str, LinkSpec] = {
+    lk.name: lk
+    for lk in (
+        LinkSpec("eth-100g", 12.5, _ETH_LATENCY_US, _IEEE_8023 + " (100 Gb/s)"),
+        LinkSpec("eth-200g", 25.0, _ETH_LATENCY_US, _IEEE_8023 + " (200 Gb/s)"),
+        LinkSpec("eth-400g", 50.0, _ETH_LATENCY_US, _IEEE_8023 + " (400 Gb/s)"),
+        LinkSpec("ib-edr", 12.5, _IB_LATENCY_US, _IBTA + " (EDR, 100 Gb/s)"),
+        LinkSpec("ib-hdr", 25.0, _IB_LATENCY_US, _IBTA + " (HDR, 200 Gb/s)"),
+        LinkSpec("ib-ndr", 50.0, _IB_LATENCY_US, _IBTA + " (NDR, 400 Gb/s)"),
+    )
+}
+
 # describe() prints the lane width for PCIe presets (all presets are x16).
 _LINK_LABELS = {"pcie3": "pcie3 x16", "pcie4": "pcie4 x16", "pcie5": "pcie5 x16"}
 
@@ -336,13 +360,22 @@ def _check_headroom(headroom: object) -> float:
 
 @dataclass(frozen=True)
 class Cluster:
-    """GPUs plus the links a device map's tensors travel over."""
+    """GPUs plus the links a device map's tensors travel over.
+
+    GPUs are numbered across the whole cluster (``cuda:0..N-1`` in a plan), node after node.
+    ``node_of[i]`` is the node of GPU ``i``; GPUs of one node talk over that node's link
+    (``node_links``), GPUs of different nodes over ``network``. A single-node cluster leaves
+    ``node_of`` empty: every GPU pair uses ``gpu_link``.
+    """
 
     gpus: tuple[GPUSpec, ...]
     gpu_link: LinkSpec
     host_link: LinkSpec
     disk_link: LinkSpec
     headroom: float = 0.10
+    node_of: tuple[int, ...] = ()
+    node_links: tuple[LinkSpec, ...] = ()
+    network: LinkSpec | None = None
 
     def __post_init__(self) -> None:
         gpus = tuple(self.gpus)
@@ -350,9 +383,32 @@ class Cluster:
             raise BadInput("a cluster needs at least one GPU, given as GPUSpec objects")
         object.__setattr__(self, "gpus", gpus)
         object.__setattr__(self, "headroom", _check_headroom(self.headroom))
+        node_of = tuple(self.node_of) or (0,) * len(gpus)
+        if len(node_of) != len(gpus) or list(node_of) != sorted(node_of) or set(node_of) != set(range(max(node_of) + 1)):
+            raise BadInput("node_of must give each GPU its node, numbered 0.. in GPU order")
+        links = tuple(self.node_links) or (self.gpu_link,) * (max(node_of) + 1)
+        if len(links) != max(node_of) + 1:
+            raise BadInput("node_links must give each node its link")
+        if max(node_of) > 0 and self.network is None:
+            raise BadInput("a cluster of several nodes needs the network between them")
+        object.__setattr__(self, "node_of", node_of)
+        object.__setattr__(self, "node_links", links)
 
     def __len__(self) -> int:
         return len(self.gpus)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.node_of[-1] + 1
+
+    def node_gpus(self, node: int) -> tuple[int, ...]:
+        """The GPU indices of one node."""
+        return tuple(i for i, n in enumerate(self.node_of) if n == node)
+
+    def crosses_nodes(self, src, dst) -> bool:
+        """True where a move between two devices goes over the network."""
+        a, b = self._endpoint(src), self._endpoint(dst)
+        return isinstance(a, int) and isinstance(b, int) and self.node_of[a] != self.node_of[b]
 
     def usable_bytes(self, index: int) -> int:
         """Bytes a device map may place on GPU ``index`` after keeping ``headroom`` free."""
@@ -361,10 +417,24 @@ class Cluster:
     def describe(self) -> str:
         """Compact one-liner, e.g. ``2x rtx4090 (24.0 GiB), pcie4 x16``.
 
-        Consecutive identical GPUs are grouped; mixed clusters are joined by " + ".
+        Consecutive identical GPUs are grouped; mixed clusters are joined by " + ". Several
+        nodes: ``[4x rtx4090 (24.0 GiB), pcie4 x16] x2 over eth-100g``.
         """
+        if self.n_nodes > 1:
+            nodes = [self._describe_gpus(self.node_gpus(k), self.node_links[k]) for k in range(self.n_nodes)]
+            groups: list[list] = []
+            for d in nodes:
+                if groups and groups[-1][0] == d:
+                    groups[-1][1] += 1
+                else:
+                    groups.append([d, 1])
+            text = " + ".join(f"[{d}]" + (f" x{n}" if n > 1 else "") for d, n in groups)
+            return f"{text} over {self.network.name}"
+        return self._describe_gpus(range(len(self.gpus)), self.gpu_link)
+
+    def _describe_gpus(self, indices, link: LinkSpec) -> str:
         groups: list[list] = []
-        for gpu in self.gpus:
+        for gpu in (self.gpus[i] for i in indices):
             if groups and groups[-1][0] == gpu:
                 groups[-1][1] += 1
             else:
@@ -374,8 +444,7 @@ class Cluster:
 
         parts = [f"{n}x {g.name} ({size(g.memory_bytes)})" if g.name != size(g.memory_bytes).replace(" ", "")
                  else f"{n}x {g.name}" for g, n in groups]
-        link = _LINK_LABELS.get(self.gpu_link.name, self.gpu_link.name)
-        return f"{' + '.join(parts)}, {link}"
+        return f"{' + '.join(parts)}, {_LINK_LABELS.get(link.name, link.name)}"
 
     def _endpoint(self, device: str | int) -> str | int:
         """Normalise a device-map value to a GPU index, "cpu" or "disk"."""
@@ -402,7 +471,8 @@ class Cluster:
     def link_between(self, src: str | int, dst: str | int) -> LinkSpec:
         """The link a transfer from ``src`` to ``dst`` crosses.
 
-        GPU<->GPU uses ``gpu_link``; anything involving "disk" uses ``disk_link``
+        GPU<->GPU uses the node's link (``gpu_link`` on one node), or ``network`` between
+        nodes; anything involving "disk" uses ``disk_link``
         (the disk is the bottleneck even when the data lands in host RAM);
         GPU<->"cpu" uses ``host_link``. Same device on both ends is a ValueError:
         there is no transfer to cost.
@@ -414,7 +484,9 @@ class Cluster:
             return self.disk_link
         if "cpu" in (a, b):
             return self.host_link
-        return self.gpu_link
+        if self.node_of[a] != self.node_of[b]:
+            return self.network
+        return self.node_links[self.node_of[a]]
 
 
 # --------------------------------------------------------------------------
@@ -532,21 +604,90 @@ def parse_gpus(spec: str, extra: Mapping[str, GPUSpec] | None = None) -> tuple[G
     return tuple(gpus)
 
 
-def _link(name: object, what: str) -> LinkSpec:
+def _link(name: object, what: str, presets: Mapping[str, LinkSpec] = LINK_PRESETS) -> LinkSpec:
     key = name.strip().lower() if isinstance(name, str) else None
-    if key not in LINK_PRESETS:
-        raise BadInput(f"unknown {what} {name!r}; known: {', '.join(sorted(LINK_PRESETS))}")
-    return LINK_PRESETS[key]
+    if key not in presets:
+        raise BadInput(f"unknown {what} {name!r}; known: {', '.join(sorted(presets))}")
+    return presets[key]
+
+
+# One node group of a multi-node spec: "[N x]" then "[GPU items (@ intra-node link)]".
+_NODE_RE = re.compile(r"\s*(?:([0-9]+)\s*x\s*)?\[([^\[\]]*)\]\s*", re.ASCII | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a ``--gpus`` spec: its GPUs and the link between them (None: the --link default)."""
+
+    gpus: tuple[GPUSpec, ...]
+    link: str | None = None
+
+
+def parse_nodes(spec: str, extra: Mapping[str, GPUSpec] | None = None) -> tuple[tuple[NodeSpec, ...], str | None]:
+    """Parse a ``--gpus`` spec into nodes and the network between them.
+
+    One node (today's syntax): ``"rtx4090, 2x rtx3060"``. Several nodes: node groups
+    ``[N x][GPU items[@link]]`` joined by ``+``, then ``@NETWORK``:
+    ``"2x[4xa10]@ib-hdr"``, ``"[rtx4090,2xrtx3060]+[4xa10@nvlink3]@eth-100g"``. Returns the
+    nodes and the network preset name (None for one node). Raises BadInput.
+    """
+    if not isinstance(spec, str):
+        raise BadInput(f"--gpus must be a string, got {type(spec).__name__}")
+    text = spec.strip()
+    if "[" not in text and "]" not in text:
+        if "@" in text or "+" in text:
+            raise BadInput(f"--gpus {text!r}: '@' and '+' describe nodes; write each node in brackets, "
+                           f"e.g. '2x[4xa10]@ib-hdr'")
+        return (NodeSpec(parse_gpus(text, extra)),), None
+    if text.count("[") != text.count("]"):
+        raise BadInput(f"--gpus {text!r}: unbalanced brackets; write each node as [GPUS], e.g. '2x[4xa10]@ib-hdr'")
+    body, network = text, None
+    if not text.endswith("]"):
+        at = text.rfind("@")
+        if at < 0 or "]" in text[at:]:
+            raise BadInput(f"--gpus {text!r}: expected '@NETWORK' after the last node, e.g. '2x[4xa10]@eth-100g'")
+        body, network = text[:at], text[at + 1:].strip()
+        _link(network, "network", NETWORK_PRESETS)
+    nodes: list[NodeSpec] = []
+    for group in body.split("+"):
+        m = _NODE_RE.fullmatch(group)
+        if m is None:
+            raise BadInput(f"--gpus {text!r}: bad node group {group.strip()!r}; write [N x][GPUS] or [GPUS@LINK], "
+                           f"e.g. 2x[4xa10] or [4xa100-40g@nvlink3]")
+        count = int(m.group(1)) if m.group(1) and len(m.group(1)) <= 4 else (1 if not m.group(1) else MAX_GPUS + 1)
+        if count < 1:
+            raise BadInput(f"--gpus {text!r}: node count must be >= 1 in {group.strip()!r}")
+        inner, link = m.group(2), None
+        if "@" in inner:
+            inner, link = (x.strip() for x in inner.split("@", 1))
+            _link(link, "intra-node link")
+        gpus = parse_gpus(inner, extra)
+        if count > MAX_GPUS or sum(len(n.gpus) for n in nodes) + count * len(gpus) > MAX_GPUS:
+            raise BadInput(f"too many GPUs in --gpus {text!r} (max {MAX_GPUS} in total)")
+        nodes.extend([NodeSpec(gpus, link)] * count)
+    if len(nodes) > 1 and network is None:
+        raise BadInput(f"--gpus {text!r} has {len(nodes)} nodes: name the network between them, e.g. "
+                       f"'{body.strip()}@eth-100g' (known: {', '.join(sorted(NETWORK_PRESETS))})")
+    return tuple(nodes), network
 
 
 def make_cluster(gpus: str, link: str = DEFAULT_GPU_LINK, headroom: float = 0.10,
                  host_link: str = "pcie4", disk: str = "nvme-pcie4",
                  extra: Mapping[str, GPUSpec] | None = None) -> Cluster:
-    """Build a Cluster from a ``--gpus`` spec and link preset names. Raises BadInput."""
+    """Build a Cluster from a ``--gpus`` spec (one node or several) and link preset names.
+
+    ``link`` is the GPU-to-GPU link inside a node unless the node names its own. Raises BadInput.
+    """
+    nodes, network = parse_nodes(gpus, extra)
+    default = _link(link, "GPU link")
+    node_links = tuple(_link(n.link, "intra-node link") if n.link else default for n in nodes)
     return Cluster(
-        gpus=parse_gpus(gpus, extra),
-        gpu_link=_link(link, "GPU link"),
+        gpus=tuple(g for n in nodes for g in n.gpus),
+        gpu_link=node_links[0],
         host_link=_link(host_link, "host link"),
         disk_link=_link(disk, "disk link"),
         headroom=_check_headroom(headroom),
+        node_of=tuple(k for k, n in enumerate(nodes) for _ in n.gpus),
+        node_links=node_links,
+        network=_link(network, "network", NETWORK_PRESETS) if network else None,
     )

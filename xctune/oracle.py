@@ -18,6 +18,12 @@ share them). Memory feasibility of a GPU depends only on its run and roles.
 
 `brute_force` evaluates every plan of the space with `Trace.evaluate`; tests check that both
 give the same optimum on small cases.
+
+A target's rules (`space.rules`, targets.PlanRules) narrow what the programme may build, in
+three places only: moves of `rules.free_move_kinds` are not priced (`_moves`), a GPU's run holds
+at least `rules.min_layers` layers (`step_costs`), and `rules.first_and_last` makes the walk a
+pipeline (`solve`): GPU 0 holds the main and embedding roles, the GPUs used follow each other
+without a gap, and the head's GPU is the last one used.
 """
 
 from __future__ import annotations
@@ -203,7 +209,7 @@ class _Programme:
         for idx, mv in enumerate(rec.run.moves):
             s, d = int(rec.move_src[idx]), int(rec.move_dst[idx])
             wgt = o.w.get(mv.phase, 0.0)
-            if not wgt:
+            if not wgt or mv.kind in o.space.rules.free_move_kinds:
                 continue
             secs = wgt * self.link.transfer_seconds(int(rec.move_bytes[idx]), o.eff.gpu_link) if self.link else 0.0
             rs, rd, ls, ld = self.role[s], self.role[d], self.layer[s], self.layer[d]
@@ -250,7 +256,7 @@ class _Programme:
                 if R & bit:
                     cost += role_sec[bit] - (self.role_layer_cum[bit][b] - self.role_layer_cum[bit][a])
             cost -= sum(s for pair, s in self.role_pair.items() if R & pair == pair)
-            ok = valid & self.fits(gpu, R)
+            ok = valid & self.fits(gpu, R) & (b - a >= self.o.space.rules.min_layers)
             if R in (0, MAIN_ROLE):
                 ok &= b > a  # an unused GPU is a skip; the main GPU holds some unit
             out[R] = np.where(ok, cost, np.inf)
@@ -289,15 +295,22 @@ class _Programme:
         V = np.full((8, L + 1), np.inf)  # [roles placed, layers placed]
         V[0, k] = 0.0
         back = []  # per GPU: {(placed, b): (previous placed, a, roles here)}
+        pipeline = self.o.space.rules.first_and_last
         for i, g in enumerate(gpus):
             new = V.copy()  # the GPU unused
+            if pipeline:  # a pipeline starts at GPU 0 and has no gap: unused only once the head is placed
+                new[[p for p in range(8) if not p & HEAD_ROLE]] = np.inf
             choice = {}
             for placed in range(8):
                 if not np.isfinite(V[placed]).any():
                     continue
+                if pipeline and placed & HEAD_ROLE:
+                    continue  # the head's GPU was the last stage
                 for R, M in steps[g].items():
                     if R & placed:
                         continue
+                    if pipeline and i == 0 and R & (MAIN_ROLE | EMBED_ROLE) != MAIN_ROLE | EMBED_ROLE:
+                        continue  # the first stage holds the root and the embedding group
                     if not placed & MAIN_ROLE and not R & MAIN_ROLE:
                         continue  # the first GPU used is the main GPU
                     if placed & MAIN_ROLE and R & MAIN_ROLE:
@@ -329,10 +342,10 @@ class _Programme:
         return self.const + best, walk
 
 
-def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency) -> float | None:
+def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency, free_move_kinds=()) -> float | None:
     """End-to-end seconds of a plan that runs and fits, else None (the verdict a search trial gets)."""
     try:
-        est = trace.evaluate(plan, cluster, eff)
+        est = trace.evaluate(plan, cluster, eff, free_move_kinds)
     except InvalidPlan:
         return None
     placed = trace.unit_devices(plan)
@@ -350,11 +363,15 @@ def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficie
         for n in range(1, space.n_gpus + 1):
             for k, tier, proj in oracle.offload_choices():
                 for counts in _compositions(L - k, n):
+                    if min(counts) < space.rules.min_layers:
+                        continue
                     for e in range(n):
                         for h in range(n):
+                            if not space.rules.allows(n, 0, e, h):
+                                continue
                             plan = space.build(list(counts), e, h, dtypes, k, tier, proj)
                             count += 1
-                            e2e = feasible_e2e(trace, plan, cluster, eff)
+                            e2e = feasible_e2e(trace, plan, cluster, eff, space.rules.free_move_kinds)
                             if e2e is not None and e2e < best:
                                 best, best_plan = e2e, plan
     return Optimum(best_plan, best * 1e3, count, time.perf_counter() - t0)
@@ -385,7 +402,7 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
         for counts in _compositions(L - off[0], n)
         for e in range(n)
         for h in range(n)
-        if off[2] == "gpu" or e == 0
+        if (off[2] == "gpu" or e == 0) and space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers
     ] if _space_size(oracle) <= limit else None
     rng = random.Random(seed)
     if candidates is None:
@@ -397,11 +414,15 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
             cuts = sorted(rng.randint(0, L - off[0]) for _ in range(n - 1))
             counts = [b - a for a, b in zip([0, *cuts], [*cuts, L - off[0]])]
             e = 0 if off[2] != "gpu" else rng.randrange(n)
-            candidates.append((dtypes, n, off, counts, e, rng.randrange(n)))
+            h = rng.randrange(n)
+            if space.rules.first_and_last:
+                e, h = 0, n - 1
+            if space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers:
+                candidates.append((dtypes, n, off, counts, e, h))
     scored = {}
     for dtypes, n, (kk, tier, proj), counts, e, h in candidates:
         plan = space.build(list(counts), e, h, dtypes, kk, tier, proj)
-        e2e = feasible_e2e(trace, plan, cluster, eff)
+        e2e = feasible_e2e(trace, plan, cluster, eff, space.rules.free_move_kinds)
         if e2e is not None:
             scored.setdefault(plan.plan_id, (e2e, plan))
     return [p for _, p in sorted(scored.values(), key=lambda x: x[0])[:k]]

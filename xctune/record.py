@@ -96,6 +96,13 @@ class TrialRecord:
     fidelity_max_abs: float | None = None  # max |logit - reference logit| at the last step
     fidelity_mean_abs: float | None = None
     placement_ms: float | None = None
+    # serving (targets.py): the engine that runs the plan and its figures with several requests
+    target: str = "accelerate"
+    requests_in_flight: int = 1
+    tokens_per_s: float | None = None  # with requests_in_flight micro-batches (targets.throughput)
+    stage_decode_ms: dict = field(default_factory=dict)  # GPU -> ms of one micro-batch's decode step there
+    internode_bytes_prefill: int | None = None  # vision + prefill bytes over the network between nodes
+    internode_bytes_per_token: int | None = None  # per decode step, over the network
     repeats: int = 0
     threads: int | None = None  # measured trials: torch intra-op threads the runs used (set, not inherited)
     clock: str = ""  # measured trials: cuda-events, wall, or process-cpu (CPU time of a one-thread run)
@@ -158,6 +165,12 @@ class TrialRecord:
             lines.append(f"    {key:<28} {fmt_bytes(b):>13} in {self.transfer_count_by_phase.get(key, 0)} moves")
         for name, b in self.decode_by_loader_lines():
             lines.append(f"    per decode step, {name:<19} {b:>13} (dry run, simulated)")
+        if self.internode_bytes_per_token is not None:
+            lines.append(f"  between nodes          {fmt_bytes(self.internode_bytes_per_token):>13} per token "
+                         f"(prefill {fmt_bytes(self.internode_bytes_prefill or 0)})")
+        if self.tokens_per_s is not None:
+            lines.append(f"  throughput             {self.tokens_per_s:10.1f} tokens/s with {self.requests_in_flight} "
+                         f"request(s) in flight ({self.target})")
         if self.streamed_weight_bytes:
             lines.append(f"  offloaded weights streamed {fmt_bytes(self.streamed_weight_bytes)} (included above)")
         for d, b in self.peak_bytes.items():

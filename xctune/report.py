@@ -21,7 +21,16 @@ from .hardware import GiB
 from .plan import Plan, write_device_map
 from .record import fmt_bytes
 
-FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes"}
+FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes", "throughput": "tokens_per_s"}
+
+
+def better_first(objective: str, value) -> float:
+    """A sort key that puts the best value of `objective` first (throughput is maximised)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.inf
+    from .study import MAXIMISED
+
+    return -value if objective in MAXIMISED else value
 
 
 def layout(plan: Plan, profile) -> str:
@@ -74,9 +83,7 @@ def collect_rows(study: optuna.Study, objectives) -> list[dict]:
     key = FIRST[objectives[0]]
 
     def order(r):
-        value = r.get(key)
-        value = math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else value
-        return (0 if r.get("feasible") else 1 if r.get("status") in ("ok", "oom") else 2, value)
+        return (0 if r.get("feasible") else 1 if r.get("status") in ("ok", "oom") else 2, better_first(objectives[0], r.get(key)))
 
     rows.sort(key=order)
     return rows
@@ -97,7 +104,7 @@ def pick_best(result, evaluator) -> None:
             r["pareto"] = r.get("trial") in front
     if spec.real:  # a measurement whose repeats varied over the noise bound does not win over a quiet one
         candidates = [r for r in candidates if not r.get("noisy")] or candidates
-    candidates.sort(key=lambda r: r.get(key, math.inf))
+    candidates.sort(key=lambda r: better_first(spec.objectives[0], r.get(key)))
     for r in candidates[:5]:
         plan = Plan.from_dict(r["_plan"])
         if spec.real:
@@ -164,26 +171,6 @@ def baseline_gains(result) -> list[dict]:
     return out
 
 
-LOADER = '''"""Load the best map the fast way (written by xctune search).
-
-A bare `from_pretrained(device_map=...)` under transformers 5 does not skip the KV cache when
-it moves outputs between GPUs (the remote code's skip keys arrive as a set of letters): the
-cache then crosses GPUs at every decode step. These lines put the skip keys right.
-"""
-import json
-
-import torch
-from transformers import AutoModel
-
-PATH = "{repo}"  # your checkpoint
-device_map = json.load(open("best_map.json"))
-model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torch.{dtype}, device_map=device_map).eval()
-hook = getattr(model, "_hf_hook", None)
-if hook is not None:  # the root hook sends outputs back to the first GPU: not the cache
-    hook.skip_keys = ["past_key_values", "cache"]
-{mixed}'''
-
-
 # every file a study writes; one missing from a run (no feasible plan: no best_map.json) is removed
 OUTPUTS = ("leaderboard.csv", "leaderboard.md", "best_map.json", "best_plan.json", "load_best_map.py",
            "history.png", "pareto.png", "memory.png")
@@ -211,25 +198,40 @@ def write_outputs(result) -> dict[str, Path]:
         files["leaderboard.csv"] = out.path("leaderboard.csv")
         files["leaderboard.md"] = out.write_text("leaderboard.md", _markdown(df, result))
         if result.best_plan is not None:
-            from .models.config import published_repo
+            from .export.accelerate import loader_text
 
             with out.staged("best_map.json") as tmp:
                 write_device_map(result.best_plan, tmp)
             files["best_map.json"] = out.path("best_map.json")
+            files["load_best_map.py"] = out.write_text("load_best_map.py", loader_text(result.best_plan, result.profile))
+            files.update(_exports(result, out.folder))  # the pipeline engines' files, each written whole
             files["best_plan.json"] = out.write_text("best_plan.json", json.dumps(_best_plan_doc(result), indent=1, default=str) + "\n")
-            dt = result.best_plan.dtypes["lm"]
-            mixed = ""
-            if result.best_plan.mixed:
-                mixed = (f"# The plan mixes precisions ({result.best_plan.dtype_label}): cast each group as best_plan.json says,\n"
-                         f"# e.g. model.vit.to(torch.{_torch_name(result.best_plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
-            repo = published_repo(result.profile.config.name)
-            files["load_best_map.py"] = out.write_text("load_best_map.py", LOADER.format(dtype=_torch_name(dt), mixed=mixed, repo=repo))
         files.update(_plots(result, out))
     return files
 
 
-def _torch_name(d: str) -> str:
-    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[d]
+def _exports(result, out: Path) -> dict[str, Path]:
+    """The files each engine takes (xctune/export): accelerate's loader for an accelerate study;
+    vLLM's and torch pipelining's for a pipeline study. Each is validated as it is written."""
+    from .errors import BadInput
+    from .export import ExportInvalid, export_plan
+
+    spec = result.spec
+    targets = ["vllm-pp", "torch-pipelining"] if spec.target.pipelined else []  # accelerate's: write_outputs
+    if spec.real:
+        targets = []  # a measured plan of logical devices: best_map.json is what it is
+    files = {}
+    for target in targets:
+        try:
+            exp = export_plan(target, result.best_plan, result.profile, result.cluster, spec.workload, out,
+                              serving=spec.target, tp_size=result.tp_size, record=result.best)
+        except (BadInput, ExportInvalid) as e:
+            result.exports.append((target, None, str(e)))
+            continue
+        result.exports.append((target, exp, ""))
+        for name, path in exp.files.items():
+            files[str(path.relative_to(out))] = path
+    return files
 
 
 def _best_plan_doc(result) -> dict:
@@ -248,7 +250,15 @@ def _best_plan_doc(result) -> dict:
         "gains": baseline_gains(result),
         "how_to_load": "json.load(open('best_map.json')) as device_map= of from_pretrained; see load_best_map.py "
                        "for the skip keys that keep the KV cache in place",
+        "target": spec.target.to_dict(),
+        "gpus": spec.gpus,
+        "link": spec.link,
+        "exports": {t: {"folder": str(e.folder), "supported": e.supported, "statement": e.statement,
+                        "checks": list(e.checks)} if e else {"error": err}
+                    for t, e, err in result.exports},
     }
+    if spec.target.pipelined:
+        doc["how_to_load"] = "a pipeline plan: see vllm/ and torch_pipelining/ (best_map.json is its device map, for xctune check)"
     if result.optimum is not None and result.optimum.plan is not None:
         doc["optimum"] = {
             "e2e_ms": result.optimum.e2e_ms,
@@ -268,6 +278,8 @@ def _markdown(df, result) -> str:
     cols = [("rank", "#"), ("label", "trial"), ("status", "status"), ("layout", "layout"),
             ("dtypes.lm", "lm dtype"), ("e2e_ms", "e2e ms"), ("decode_ms_per_token", "decode ms/tok"),
             ("peak_bytes_max", "peak"), ("transfer_bytes", "moved"), ("fidelity_top1", "top-1")]
+    if spec.target.pipelined or "throughput" in spec.objectives:
+        cols += [("tokens_per_s", "tokens/s"), ("internode_bytes_per_token", "network/token")]
     cols = [(c, h) for c, h in cols if c in df.columns]
     lines += _gains_markdown(result)
     lines.append("| " + " | ".join(h for _, h in cols) + " |")
@@ -280,7 +292,8 @@ def _markdown(df, result) -> str:
                 v = f"**{r['baseline']}** (baseline)"
             if c == "status" and r.get("status") == "ok" and not r.get("feasible"):
                 v = "ok (over memory)"
-            if c in ("peak_bytes_max", "transfer_bytes") and isinstance(v, (int, float)) and not math.isnan(v):
+            if c in ("peak_bytes_max", "transfer_bytes", "internode_bytes_per_token") and isinstance(v, (int, float)) \
+                    and not math.isnan(v):
                 v = fmt_bytes(v)
             elif isinstance(v, float):
                 v = "" if math.isnan(v) else f"{v:.4g}"
@@ -356,6 +369,30 @@ def _counts(result) -> str:
     return f"{here}; the study holds {len(trials)} ({finished} finished) from {len(workers)} worker(s)"
 
 
+def _serving_lines(result, best: dict) -> list[str]:
+    """Target, inter-node transfer, throughput and exports of the best plan."""
+    spec, lines = result.spec, []
+    t = spec.target
+    if t.pipelined or t.requests_in_flight > 1 or best.get("internode_bytes_per_token") is not None:
+        stages = {k.split(".", 1)[1]: v for k, v in best.items() if k.startswith("stage_decode_ms.") and v is not None}
+        slowest = max(stages, key=stages.get) if stages else None
+        tp = f", tensor parallel {result.tp_size} GPUs per stage" if result.tp_size > 1 else ""
+        lines.append(f"      target {t.name}{tp}: {best.get('tokens_per_s', float('nan')):.1f} tokens/s with "
+                     f"{t.requests_in_flight} request(s) in flight"
+                     + (f" (slowest stage {slowest}: {stages[slowest]:.2f} ms per decode step)" if slowest else "")
+                     + f"  [{best.get('source')}]")
+    if best.get("internode_bytes_per_token") is not None:
+        lines.append(f"      between nodes ({result.cluster.network.name}): {fmt_bytes(best['internode_bytes_per_token'])} "
+                     f"per token, {fmt_bytes(best.get('internode_bytes_prefill') or 0)} in vision + prefill")
+    for target, exp, err in result.exports:
+        if exp is None:
+            lines.append(f"      export {target}: not written: {err}")
+        else:
+            note = "" if exp.supported else " (the engine does not run this model: see its README.md)"
+            lines.append(f"      export {target}: {exp.folder}/ validated ({len(exp.checks)} checks){note}")
+    return lines
+
+
 def summary(result) -> str:
     spec, best = result.spec, result.best
     world = "measured on this machine" if spec.real else "simulated on a virtual cluster"
@@ -365,12 +402,16 @@ def summary(result) -> str:
         lines.append("interrupted: the finished trials are kept in the study; run the same command to resume")
     if not best:
         lines.append("no feasible plan found")
+        if result.optimum is not None and result.optimum.plan is None:
+            lines.append(f"exact optimum of the cost model: no plan of the space fits ({result.optimum.configs} "
+                         f"configuration(s) solved)")
         return "\n".join(lines)
     key = FIRST[spec.objectives[0]]
     lines.append(f"best: {best.get('label')}  {layout(result.best_plan, result.profile)}  dtypes {result.best_plan.dtype_label}")
     lines.append(f"      e2e {best['e2e_ms']:.1f} ms (prefill {best['prefill_ms']:.1f}, decode {best['decode_ms_per_token']:.2f} ms/token), "
                  f"peak {fmt_bytes(best['peak_bytes_max'])}, moved {fmt_bytes(best['transfer_bytes'])}  [{best.get('source')}]")
     lines.append(f"      {result.verified}")
+    lines += _serving_lines(result, best)
     lines += _gain_lines(result, key)
     if len(spec.objectives) > 1:
         front = sorted((r for r in result.records if r.get("pareto") and r.get("feasible")), key=lambda r: r.get("e2e_ms", 0))
@@ -378,6 +419,9 @@ def summary(result) -> str:
         for r in front[:6]:
             values = ", ".join(f"{o} {fmt_bytes(r[FIRST[o]]) if o != 'latency' else f'{r[FIRST[o]]:.1f} ms'}" for o in spec.objectives)
             lines.append(f"  {r.get('label'):<12} {values}  {layout(Plan.from_dict(r['_plan']), result.profile)}")
+    if result.optimum is None and not spec.real and (key != "e2e_ms" or spec.target.requests_in_flight > 1):
+        lines.append("exact optimum: computed for the latency of one request only (the throughput of several in "
+                     "flight is a max over stages, not the sum the dynamic programme minimises)")
     if result.optimum is not None and result.optimum.plan is not None:
         gap = best["e2e_ms"] / result.optimum.e2e_ms - 1
         lines.append(f"exact optimum of the cost model: {result.optimum.e2e_ms:.1f} ms "

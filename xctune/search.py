@@ -20,8 +20,9 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 
 import optuna
 
@@ -36,11 +37,13 @@ from .record import TrialRecord
 from .simulate import failed_record, record_from_estimate, simulate
 from .space import SearchSpace
 from .storage import mask_url, open_storage
-from .study import StudySpec
+from .study import MAXIMISED, StudySpec
+from .targets import TensorParallel, serving_estimate, serving_fields, target_cluster, tp_size
 from .trace import InvalidPlan, Trace
 from .worker import Worker
 
-OBJECTIVE_FIELD = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes"}
+OBJECTIVE_FIELD = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes",
+                   "throughput": "tokens_per_s"}
 
 
 def memory_violation(rec: TrialRecord, cluster: Cluster) -> float:
@@ -58,6 +61,8 @@ def objective_values(rec: TrialRecord, objectives) -> list[float]:
     for o in objectives:
         if o == "latency":
             out.append(rec.e2e_ms.median)
+        elif o == "throughput":
+            out.append(rec.tokens_per_s if rec.tokens_per_s is not None else 0.0)
         elif o == "peak_mem":
             out.append(float(rec.peak_bytes_max))
         else:
@@ -70,17 +75,25 @@ class VirtualEvaluator:
 
     source = "simulated"
 
-    def __init__(self, spec: StudySpec, profile, cluster: Cluster, eff: Efficiency, cache_dir: Path | None):
+    def __init__(self, spec: StudySpec, profile, cluster: Cluster, eff: Efficiency, cache_dir: Path | None,
+                 tp: TensorParallel | None = None):
         self.spec, self.profile, self.cluster, self.eff = spec, profile, cluster, eff
+        self.target, self.tp = spec.target, tp
         self.trace = Trace(profile, spec.workload, cache_dir=cache_dir)
+
+    def estimate(self, plan: Plan):
+        """The plan as the study's target runs it (targets.py); InvalidPlan if it cannot run."""
+        est = self.trace.evaluate(plan, self.cluster, self.eff, self.target.rules.free_move_kinds)
+        return serving_estimate(est, self.target, plan, self.profile, self.spec.workload, self.tp)
 
     def __call__(self, plan: Plan, label: str) -> TrialRecord:
         try:
-            est = self.trace.evaluate(plan, self.cluster, self.eff)
+            est = self.estimate(plan)
         except InvalidPlan as e:
             devices = {f"cuda:{i}": g.name for i, g in enumerate(self.cluster.gpus)}
             return failed_record(plan, self.profile, self.spec.workload, "simulated", "invalid", str(e), devices, label)
-        return record_from_estimate(est, plan, self.profile, self.cluster, self.spec.workload, self.trace.weights(plan), label=label)
+        rec = record_from_estimate(est, plan, self.profile, self.cluster, self.spec.workload, self.trace.weights(plan), label=label)
+        return replace(rec, **serving_fields(est, self.target, self.cluster, self.spec.workload))
 
     def outside(self, plan: Plan, label: str) -> TrialRecord:
         """A plan the space cannot express (accelerate's raw map). The trace judges it where it can: its
@@ -149,6 +162,8 @@ class SearchResult:
     new_trials: int = 0  # trials this worker ran
     tally: object = None  # worker.Tally: sampled and queued trials this worker ran
     evaluator: object = None
+    tp_size: int = 1  # GPUs per stage device (vllm-pp with tensor_parallel = "node")
+    exports: list = field(default_factory=list)  # (target, Export | None, error) written with the outputs
 
 
 def trace_cache_dir() -> Path:
@@ -182,15 +197,20 @@ def open_study(spec: StudySpec, storage=None) -> tuple[optuna.Study, bool]:
     where = mask_url(spec.storage_url)
     try:
         study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=False,
-                                    directions=["minimize"] * len(spec.objectives), sampler=_sampler(spec))
+                                    directions=_directions(spec), sampler=_sampler(spec))
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         pass
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec))
-    if len(study.directions) != len(spec.objectives):
-        raise BadInput(f"study {spec.name!r} in {where} has {len(study.directions)} objective(s), this run "
-                       f"{len(spec.objectives)}; use --study-name or --out for a new study")
+    if [d.name.lower() for d in study.directions] != _directions(spec):
+        raise BadInput(f"study {spec.name!r} in {where} has objective directions "
+                       f"{', '.join(d.name.lower() for d in study.directions)}, this run {', '.join(_directions(spec))}; "
+                       f"use --study-name or --out for a new study")
     return study, False
+
+
+def _directions(spec: StudySpec) -> list[str]:
+    return ["maximize" if o in MAXIMISED else "minimize" for o in spec.objectives]
 
 
 def build_cluster(spec: StudySpec) -> Cluster:
@@ -213,26 +233,30 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     model_spec = resolve_model(spec.model, spec.trust_remote_code, attn=spec.attn)
     if spec.loader != "xctune":
         # optimise for the path users will take: its skip keys in every trial and baseline
-        from dataclasses import replace
-
         from .models.loading import loading_path
 
         spec = replace(spec, space=replace(spec.space, skip_keys=loading_path(spec.loader).skip_keys))
     profile = model_spec.profile
     spec.workload.check_fits(profile.config)
-    cluster = build_cluster(spec)
+    full = build_cluster(spec)
+    if spec.real and spec.target.pipelined:
+        raise BadInput(f"target {spec.target.name} runs on a cluster of GPUs: real studies measure accelerate "
+                       f"placements on this machine; search it in the virtual world")
+    # the devices the target's plans are written for: node 0 for accelerate, a device per node under TP
+    cluster = target_cluster(full, spec.target)
+    tp = TensorParallel(tp_size(full, spec.target), full.node_links[0]) if spec.target.tensor_parallel == "node" else None
     eff = Efficiency.load(spec.calibration) if spec.calibration else Efficiency()
-    space = SearchSpace(profile, cluster, spec.space)
+    space = SearchSpace(profile, cluster, spec.space, spec.target)
     cache = trace_cache_dir()
     if spec.real:
         evaluator = RealEvaluator(spec, profile, cluster, eff, cache, model_spec)
     else:
-        evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache)
+        evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache, tp)
     study, created = open_study(spec, storage)
     if not created:
         _wait_until_ready(study, spec, log)
         _check_identity(study, spec, cluster, profile.config.attn)
-    result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator)
+    result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator, tp_size=tp.size if tp else 1)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
     # the creator queues what every worker shares; a resume queues only what is missing
@@ -278,20 +302,29 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
 
     result.records = collect_rows(study, spec.objectives) + _outside_rows(study)
     pick_best(result, evaluator)
-    if not spec.real and not result.interrupted:
+    # The DP minimises the end-to-end latency of one request: the throughput of several requests
+    # in flight is a max over stages, and their KV caches change what fits.
+    exact = spec.objectives[0] == "latency" and spec.target.requests_in_flight == 1
+    if not spec.real and not result.interrupted and exact:
         from .oracle import Oracle
 
-        from dataclasses import replace
-
         try:
-            result.optimum = Oracle(evaluator.trace, space, cluster, eff).solve()
+            result.optimum = _priced(Oracle(evaluator.trace, space, cluster, eff).solve(), evaluator)
             if "fp32" in space.dtypes and len(space.dtypes) > 1:  # the answer to "can I keep fp32?"
-                fp32 = SearchSpace(profile, cluster, replace(spec.space, dtypes=("fp32",), mixed_precision=False))
-                result.fp32_optimum = Oracle(evaluator.trace, fp32, cluster, eff).solve()
+                fp32 = SearchSpace(profile, cluster, replace(spec.space, dtypes=("fp32",), mixed_precision=False), spec.target)
+                result.fp32_optimum = _priced(Oracle(evaluator.trace, fp32, cluster, eff).solve(), evaluator)
         except RuntimeError as e:
             log(f"no exact optimum: {e}")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _priced(optimum, evaluator):
+    """The optimum's latency as the target prices it: tensor-parallel all-reduces are the same for
+    every split (every layer sits on a TP stage), so they shift the DP's figure, not its argmin."""
+    if optimum.plan is not None and evaluator.tp is not None:
+        optimum.e2e_ms = evaluator(optimum.plan, "optimum").e2e_ms.median
+    return optimum
 
 
 def study_identity(spec: StudySpec, cluster: Cluster, attn: str) -> dict:
@@ -305,6 +338,8 @@ def study_identity(spec: StudySpec, cluster: Cluster, attn: str) -> dict:
         "space": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.space.__dict__.items()},
         "real": spec.real,
         "objectives": list(spec.objectives),
+        # only where it is not today's default, so studies made before targets existed still resume
+        **({"target": spec.target.to_dict()} if spec.target != type(spec.target)() else {}),
     }
 
 

@@ -13,16 +13,21 @@ A point of the space, in the order the parameters are suggested:
   holds next to its groups; the layers are dealt out in order, one contiguous run per GPU.
 
 Parameter names carry `n` where their range depends on it, so every distribution is static.
+
+A pipeline target (targets.py) narrows the space by its `PlanRules`: the embedding group on
+GPU 0 and the head on GPU n-1 (no `embed_device` / `head_device` parameters), at least one
+decoder layer per GPU, one dtype, no offload.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import BadInput
 from .hardware import Cluster
 from .plan import Plan, resolve
 from .profile import GROUPS, ModelProfile
+from .targets import TargetSpec
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,15 @@ class SpaceOptions:
 
 
 class SearchSpace:
-    def __init__(self, profile: ModelProfile, cluster: Cluster, options: SpaceOptions = SpaceOptions()):
-        self.profile, self.options = profile, options
+    def __init__(self, profile: ModelProfile, cluster: Cluster, options: SpaceOptions = SpaceOptions(),
+                 target: TargetSpec = TargetSpec()):
+        if target.pipelined:  # the engines run one dtype for the model and offload nothing
+            options = replace(options, mixed_precision=False, offload=())
+        self.profile, self.options, self.target, self.rules = profile, options, target, target.rules
         self.layers = profile.layers
         self.n_gpus = min(len(cluster.gpus), options.max_devices or len(cluster.gpus))
+        if self.rules.min_layers:
+            self.n_gpus = min(self.n_gpus, len(self.layers) // self.rules.min_layers)
         # a dtype is offered only where every GPU of the cluster can run it
         self.dtypes = tuple(d for d in options.dtypes if all(g.supports(d) for g in cluster.gpus))
         if not self.dtypes:
@@ -69,8 +79,9 @@ class SearchSpace:
             tier = trial.suggest_categorical("layer_tier", list(self.options.offload)) if k else None
             proj_tier = trial.suggest_categorical("vision_proj_tier", ["gpu", *self.options.offload])
         # an offloaded vision_proj runs on the main GPU (0): the embeddings it is joined with must be there
-        embed = trial.suggest_int(f"embed_device_n{n}", 0, n - 1) if n > 1 and proj_tier == "gpu" else 0
-        head = trial.suggest_int(f"head_device_n{n}", 0, n - 1) if n > 1 else 0
+        fixed = self.rules.first_and_last or n == 1
+        embed = trial.suggest_int(f"embed_device_n{n}", 0, n - 1) if not fixed and proj_tier == "gpu" else 0
+        head = n - 1 if fixed else trial.suggest_int(f"head_device_n{n}", 0, n - 1)
         if self.options.mixed_precision and len(self.dtypes) > 1:
             dtypes = {g: trial.suggest_categorical(f"dtype_{g}", list(self.dtypes)) for g in GROUPS}
         elif len(self.dtypes) > 1:
@@ -80,8 +91,12 @@ class SearchSpace:
             dtypes = {g: self.dtypes[0] for g in GROUPS}
         shares = [trial.suggest_float(f"share_n{n}_d{i}", 0.0, 1.0) for i in range(n)] if n > 1 else [1.0]
         caps = self.capacities(n, embed, head, dtypes, proj_tier)
-        counts = split_layers(L - k, [s * c for s, c in zip(shares, caps)])
-        return self.build(counts, embed, head, dtypes, k, tier, proj_tier)
+        return self.build(self.deal(L - k, n, shares, caps), embed, head, dtypes, k, tier, proj_tier)
+
+    def deal(self, total: int, n: int, shares, caps) -> list[int]:
+        """The layer counts of n GPUs: the rules' minimum each, the rest by share x capacity."""
+        base = self.rules.min_layers
+        return [c + base for c in split_layers(total - base * n, [s * c for s, c in zip(shares, caps)])]
 
     def capacities(self, n, embed, head, dtypes, proj_tier="gpu") -> list[int]:
         """Decoder layers each GPU could hold by weights alone, next to the groups it carries (at least 1).
@@ -161,18 +176,23 @@ class SearchSpace:
             return None
         if params.get("vision_proj_tier", "gpu") != "gpu" and embed != 0:
             return None
+        counts = [gpu_runs.count(i) for i in range(n)]
+        if self.rules.first_and_last and (embed != 0 or head != n - 1):
+            return None
+        if min(counts) < self.rules.min_layers:
+            return None
         if n > 1:
-            if params.get("vision_proj_tier", "gpu") == "gpu":
-                params[f"embed_device_n{n}"] = embed
-            params[f"head_device_n{n}"] = head
-            # shares that reproduce the counts exactly: count / capacity, scaled into [0, 1]
-            counts = [gpu_runs.count(i) for i in range(n)]
+            if not self.rules.first_and_last:
+                if params.get("vision_proj_tier", "gpu") == "gpu":
+                    params[f"embed_device_n{n}"] = embed
+                params[f"head_device_n{n}"] = head
+            # shares that reproduce the counts exactly: (count - minimum) / capacity, scaled into [0, 1]
             caps = self.capacities(n, embed, head, plan.dtypes, params.get("vision_proj_tier", "gpu"))
-            raw = [c / cap for c, cap in zip(counts, caps)]
+            raw = [(c - self.rules.min_layers) / cap for c, cap in zip(counts, caps)]
             top = max(raw) or 1.0
             for i in range(n):
                 params[f"share_n{n}_d{i}"] = raw[i] / top
-            if split_layers(len(gpu_runs), [params[f"share_n{n}_d{i}"] * caps[i] for i in range(n)]) != counts:
+            if self.deal(len(gpu_runs), n, [params[f"share_n{n}_d{i}"] for i in range(n)], caps) != counts:
                 return None
         if any(plan.dtypes[g] not in self.dtypes for g in GROUPS):
             return None

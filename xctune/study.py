@@ -3,10 +3,12 @@
     name = "default"
     model = "ixc2-vl-7b"
     trials = 50
-    objectives = ["latency"]          # any of latency, peak_mem, transfer
+    objectives = ["latency"]          # any of latency, peak_mem, transfer, throughput
     attn = "eager"                    # optional: eager | sdpa | flash (default: the checkpoint's)
     loader = "xctune"                 # or "from_pretrained": the path users will load the map with
-    [cluster]   gpus = "2x24GiB"  link = "pcie4"  headroom = 0.10
+    target = "accelerate"             # or "vllm-pp", "torch-pipelining" (targets.py)
+    [cluster]   gpus = "2x24GiB"  link = "pcie4"  headroom = 0.10   (nodes: "2x[4xa10]@ib-hdr")
+    [serving]   requests_in_flight = 1  tensor_parallel = "none"     (vllm-pp: "node")
     [workload]  images = 1  prompt_tokens = 64  new_tokens = 32  batch = 1
     [space]     dtypes = ["fp32", "fp16", "bf16"]  mixed_precision = true  offload = []
     [real]      enabled = false  repeats = 3  fidelity_floor = 0.0  seed_plans = 3
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from .errors import BadInput, shown
 from .space import SpaceOptions
+from .targets import TARGETS, TENSOR_PARALLEL, TargetSpec
 from .workload import Workload
 
 if sys.version_info >= (3, 11):
@@ -38,9 +41,11 @@ OBJECTIVES = {
     "latency": "end-to-end latency of the workload, ms (e2e_ms)",
     "peak_mem": "peak memory of the fullest device, bytes (peak_bytes_max)",
     "transfer": "bytes moved between devices over the workload (transfer_bytes)",
+    "throughput": "tokens per second with the target's requests in flight (tokens_per_s; maximised)",
 }
+MAXIMISED = ("throughput",)
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
-BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single")  # baselines.BASELINES (not imported: it pulls in torch)
+BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single", "vllm-default")  # baselines.BASELINES (not imported: it pulls in torch)
 DTYPES = ("fp32", "fp16", "bf16")
 SEED_MAX = 2**32 - 1  # Optuna's samplers seed numpy, which takes 0 .. 2**32 - 1
 
@@ -114,6 +119,7 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "baseline_dtype": Setting("text", choices=DTYPES),
         "attn": Setting("text", choices=("eager", "sdpa", "flash")),
         "loader": Setting("text", choices=("xctune", "from_pretrained")),
+        "target": Setting("text", choices=tuple(TARGETS)),
     },
     "cluster": {
         "gpus": Setting("text"),
@@ -143,6 +149,10 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "calibration": Setting("text"),
         "threads": Setting("whole", low=1, high=1024),
     },
+    "serving": {
+        "requests_in_flight": Setting("whole", low=1, high=1024),
+        "tensor_parallel": Setting("text", choices=TENSOR_PARALLEL),
+    },
 }
 # command-line overrides checked by the same rules: StudySpec field -> (table, key)
 OVERRIDES = {"model": ("", "model"), "gpus": ("cluster", "gpus"), "trials": ("", "trials"), "seed": ("", "seed"),
@@ -158,6 +168,7 @@ class StudySpec:
     headroom: float = 0.10
     workload: Workload = field(default_factory=Workload)
     space: SpaceOptions = field(default_factory=SpaceOptions)
+    target: TargetSpec = field(default_factory=TargetSpec)
     objectives: tuple[str, ...] = ("latency",)
     trials: int = 50
     sampler: str = "auto"
@@ -241,7 +252,8 @@ def load_study(path) -> StudySpec:
         if not isinstance(v, dict):
             raise BadInput(f"{where}: [{k}] must be a table")
     top = _checked(data, "", where)
-    cluster, work, space, real = (_checked(tables.get(k, {}), k, where) for k in ("cluster", "workload", "space", "real"))
+    cluster, work, space, real, serving = (_checked(tables.get(k, {}), k, where)
+                                           for k in ("cluster", "workload", "space", "real", "serving"))
     workload = Workload(**{**work, **({"hd_layout": tuple(work["hd_layout"])} if "hd_layout" in work else {})})
     options = SpaceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
     return StudySpec(
@@ -254,6 +266,7 @@ def load_study(path) -> StudySpec:
         headroom=float(cluster.get("headroom", 0.10)),
         workload=workload,
         space=options,
+        target=TargetSpec(top.get("target", "accelerate"), **serving),
         objectives=tuple(top.get("objectives", ["latency"])),
         trials=top.get("trials", 50),
         sampler=top.get("sampler", "auto"),

@@ -173,8 +173,11 @@ class Trace:
             out[u] = d
         return out
 
-    def evaluate(self, plan: Plan, cluster: Cluster, eff: Efficiency = Efficiency()) -> Estimate:
-        """Simulated latency, transfers and memory of `plan`; InvalidPlan if it cannot run."""
+    def evaluate(self, plan: Plan, cluster: Cluster, eff: Efficiency = Efficiency(),
+                 free_move_kinds: tuple[str, ...] = ()) -> Estimate:
+        """Simulated latency, transfers and memory of `plan`; InvalidPlan if it cannot run.
+
+        `free_move_kinds`: logged moves the target engine does not make (targets.PlanRules)."""
         placed = self.unit_devices(plan)
         main = main_location(placed)
         try:
@@ -208,18 +211,23 @@ class Trace:
         # time: each call priced on its GPU, in the dtype of its unit's group
         call_dtype = self.call_dtypes(plan)
         phase_compute: dict[str, float] = {}
+        device_compute: dict[tuple, float] = {}
         for i, c in enumerate(calls):
             secs = self.call_seconds(plan, i, cluster.gpus[call_dev[i]], call_dtype[i], eff)
             phase_compute[c.phase] = phase_compute.get(c.phase, 0.0) + secs
+            key = (c.phase, int(call_dev[i]))
+            device_compute[key] = device_compute.get(key, 0.0) + secs
 
         # moves: logged crossings whose two ends sit on different devices, plus offload streams
         src, dst = exec_dev[rec.move_src], exec_dev[rec.move_dst]
         moved = np.nonzero(src != dst)[0]
+        if free_move_kinds:
+            moved = [k for k in moved if rec.run.moves[k].kind not in free_move_kinds]
         moves = [(rec.run.moves[k].phase, int(src[k]), int(dst[k]), int(rec.move_bytes[k]), rec.run.moves[k].kind) for k in moved]
         for i in np.nonzero(offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
             # one load per module that owns parameters, as accelerate's offload hooks do it
             moves.extend((calls[i].phase, tier[rec.holder[i]], main, n, "weights") for n in calls[i].weight_chunks)
-        est = combine(phase_compute, moves, cluster, self.workload.new_tokens, eff)
+        est = combine(phase_compute, moves, cluster, self.workload.new_tokens, eff, device_compute)
 
         # memory: live bytes per device at every call boundary, plus the call's own transient
         n_dev = len(cluster.gpus)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, shown
 from .config import PRESETS, XComposerConfig
 
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
@@ -330,6 +330,10 @@ def identify(path: Path, config: dict, files: WeightFiles | None) -> Identified:
 
 def _config_for(variant: Variant, config: dict, path: Path, names, files) -> XComposerConfig:
     base = PRESETS[variant.preset]
+    for key in _SIZE_KEYS:  # values that make no model are a bad config, whatever the variant
+        v = config.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"bad config: config.json of {path.name}: {key} = {shown(v)} must be a whole number >= 1")
     for key, field_name in _SIZE_KEYS.items():
         if key in config and config[key] != getattr(base, field_name):
             raise BadInput(

@@ -205,11 +205,6 @@ PUBLISHED_REPOS = {
 }
 
 
-def published_repo(name: str) -> str:
-    """The hub repository of a preset, or the name itself (a checkpoint directory, tiny)."""
-    return PUBLISHED_REPOS.get(name, name)
-
-
 def get_config(name: str) -> XComposerConfig:
     try:
         return PRESETS[name]
