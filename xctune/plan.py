@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput
-from .profile import DTYPES, GROUPS, ModelProfile, unit_of_parameter
+from .profile import DTYPES, GROUPS, ModelProfile
 
 Device = int | str  # a GPU index, "cpu" or "disk"
 DEFAULT_SKIP_KEYS = ("past_key_values",)
@@ -108,7 +108,7 @@ class Plan:
         return "/".join(self.dtypes[g] for g in GROUPS)
 
     def unit_dtype(self, unit: str, profile: ModelProfile) -> str:
-        return self.dtypes[profile.group_of(unit_of_parameter(unit))]
+        return self.dtypes[profile.group_of(profile.unit_of(unit))]
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -191,7 +191,7 @@ def resolve(device_map: Mapping[str, Device], profile: ModelProfile) -> Resoluti
     ]
     unit_devices: dict[str, list] = {}
     for name, dev in param_device.items():
-        devs = unit_devices.setdefault(unit_of_parameter(name), [])
+        devs = unit_devices.setdefault(profile.unit_of(name), [])
         if dev not in devs:
             devs.append(dev)
     return Resolution(

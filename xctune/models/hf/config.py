@@ -1,0 +1,142 @@
+"""transformers models as xctune models: a published config, held as data.
+
+A preset is the `config.json` of a published checkpoint, written into the project
+(`configs/*.json`, architecture keys only; `_source` names the checkpoint). A user's directory
+with a `config.json` of a supported class works the same way. Nothing is downloaded: the model
+is built from the config on `meta` (design.md §8: default configs are often not the published
+size, so the published ones are written down).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from ...errors import BadInput
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# The classes this backend knows how to feed (recipes.py): model_type -> architecture.
+SUPPORTED = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "paligemma": "PaliGemmaForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "mllama": "MllamaForConditionalGeneration",
+}
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """A transformers VLM config as xctune holds it: frozen, hashable, comparable.
+
+    `text` is the canonical JSON of the config (what keys the profile cache and the trace cache).
+    """
+
+    name: str
+    text: str
+    source: str = ""  # the checkpoint a preset was written from, or the user's directory
+
+    @cached_property
+    def data(self) -> dict:
+        return json.loads(self.text)
+
+    @property
+    def model_type(self) -> str:
+        return self.data["model_type"]
+
+    @property
+    def architecture(self) -> str:
+        return SUPPORTED[self.model_type]
+
+    def sub(self, key: str) -> dict:
+        """The text or vision sub-config (some classes keep the text keys at the top level)."""
+        return self.data.get(key) or {}
+
+    def text_value(self, key: str, default=None):
+        return self.sub("text_config").get(key, self.data.get(key, default))
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(self.text_value("max_position_embeddings", 32768))
+
+    # the workload asks these of any model config
+    def image_tokens(self, layout=None) -> int:
+        from .recipes import recipe_for
+
+        return recipe_for(self).image_tokens(self)
+
+    def crops_per_image(self, layout=None) -> int:
+        return 1
+
+    def to_transformers(self):
+        """The transformers config object (building it validates the keys)."""
+        import transformers
+
+        data = {k: v for k, v in self.data.items() if not k.startswith("_")}
+        try:
+            cls = transformers.CONFIG_MAPPING[self.model_type]
+            return cls(**data)
+        except (TypeError, ValueError, KeyError) as e:
+            raise BadInput(f"config of {self.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def canonical(data: dict) -> str:
+    return json.dumps(data, sort_keys=True)
+
+
+def _preset_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+PRESET_NAMES: tuple[str, ...] = tuple(_preset_files())
+
+
+def get_preset(name: str) -> HFConfig:
+    path = _preset_files().get(name)
+    if path is None:
+        raise BadInput(f"unknown transformers preset {name!r}; known: {', '.join(PRESET_NAMES)}")
+    data = json.loads(path.read_text())
+    return from_dict(data, name, data.get("_source", ""))
+
+
+def from_dict(data: dict, name: str, source: str = "") -> HFConfig:
+    """Validate a config.json of a transformers VLM: a supported class, with the fields it needs."""
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise BadInput(f"config of {name} has no 'model_type': cannot tell which transformers class it is")
+    if model_type not in SUPPORTED:
+        archs = ", ".join(data.get("architectures") or []) or model_type
+        raise BadInput(
+            f"config of {name} is {archs} (model_type {model_type!r}), which xctune's transformers backend does not "
+            f"support; supported: {', '.join(sorted(SUPPORTED))}"
+        )
+    from .recipes import recipe_for
+
+    cfg = HFConfig(name, canonical(data), source)
+    missing = [k for k in recipe_for(cfg).required if _lookup(data, k) is None]
+    if missing:
+        raise BadInput(f"config of {name} ({model_type}) lacks {', '.join(missing)}")
+    cfg.to_transformers()  # transformers' own validation, as one line
+    return cfg
+
+
+def _lookup(data: dict, dotted: str):
+    cur = data
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def is_hf_config(data: dict) -> bool:
+    """A transformers multimodal config (as opposed to an InternLM-XComposer one): it names a model_type
+    that transformers ships and no remote code."""
+    return "model_type" in data and "auto_map" not in data and data.get("model_type") != "internlmxcomposer2"
