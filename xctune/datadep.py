@@ -163,6 +163,14 @@ def _tensor_from_shadows(shadows: RealShadows):
         torch.tensor = original
 
 
+def real_tensors():
+    """A context where tensors are real again (every Python mode off): for making the real inputs
+    a fake run lifts with `RealShadows.fake_of`."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 @contextlib.contextmanager
 def fake_metadata(shadows: RealShadows):
     """Enter inside the fake mode: shadows for data-dependent ops, and `torch.tensor` of fake scalars."""

@@ -77,6 +77,11 @@ class HFFamily(ModelFamily):
     def skip_keys(self) -> tuple[str, ...]:
         return ("cache", "past_key_values")
 
+    @staticmethod
+    def _cross_attention_layers(model) -> set[int]:
+        layers = [u for u in discover_units(model) if u.role in (Role.DECODER_LAYER, Role.CROSS_ATTENTION_LAYER)]
+        return {i for i, u in enumerate(layers) if u.role is Role.CROSS_ATTENTION_LAYER}
+
     # --- building -----------------------------------------------------------------------------
     def build_host(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -91,7 +96,10 @@ class HFFamily(ModelFamily):
         return build_inputs(self.config, tcfg, workload, self.config.image_tokens() if workload.images else 0)
 
     def dry_steps(self, model, workload, tracker, device, lift):
-        real = self.make_inputs(workload, "cpu")
+        from ...datadep import real_tensors
+
+        with real_tensors():
+            real = self.make_inputs(workload, "cpu")
         inputs = {k: lift(v, device) for k, v in real.items()}
         recipe = recipe_for(self.config)
         tcfg = model.config
@@ -109,7 +117,7 @@ class HFFamily(ModelFamily):
             if extra:
                 tracker.phase = "setup"
                 with tracker.unpriced_ops():
-                    extend_cache(cache_obj, extra, tracker)
+                    extend_cache(cache_obj, extra, tracker, self._cross_attention_layers(model))
             tracker.phase = phase
             kw = {}
             if recipe.decode_extras is not None and "cross_attention_mask" in inputs:
@@ -131,16 +139,12 @@ def cache_tensors(cache_obj) -> list[torch.Tensor]:
     return out
 
 
-def extend_cache(cache_obj, extra: int, tracker) -> None:
+def extend_cache(cache_obj, extra: int, tracker, cross_attention: set[int] = frozenset()) -> None:
     """Grow every self-attention cache layer by `extra` positions, on its device (prices the last decode step).
 
-    Layers of another length (cross-attention over image features, sliding windows) keep theirs."""
-    layers = [l for l in getattr(cache_obj, "layers", []) if isinstance(getattr(l, "keys", None), torch.Tensor)]
-    if not layers:
-        return
-    length = max(l.keys.shape[-2] for l in layers)
-    for layer in layers:
-        if layer.keys.shape[-2] != length or "Sliding" in type(layer).__name__:
+    Cross-attention layers (their cache holds image features) and sliding windows keep their length."""
+    for i, layer in enumerate(getattr(cache_obj, "layers", [])):
+        if i in cross_attention or "Sliding" in type(layer).__name__ or not isinstance(getattr(layer, "keys", None), torch.Tensor):
             continue
         for name in ("keys", "values"):
             t = getattr(layer, name)
