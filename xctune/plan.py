@@ -185,9 +185,17 @@ def resolve(device_map: Mapping[str, Device], profile: ModelProfile) -> Resoluti
             twice.append((name, tuple(keys)))
         # accelerate's hooks end up honouring the most specific entry
         param_device[name] = device_map[max(keys, key=len)]
+    listed = {n for n, _ in profile.param_numels}
+    for alias in (n for group in profile.tied for n in group if n not in listed):
+        keys = [k for k in device_map if _matches(k, alias)]
+        used.update(keys)
+        if keys:  # where the map puts a tied alias (the head): the co-location rule reads it
+            param_device[alias] = device_map[max(keys, key=len)]
     buffer_names = [n for n, _ in profile.buffer_numels]
+    tied_names = [n for group in profile.tied for n in group]  # a tied head: its weight is listed once, under the embeddings
     unknown = [
-        k for k in device_map if k not in used and not any(_matches(k, b) for b in buffer_names) and k != ""
+        k for k in device_map
+        if k not in used and k != "" and k not in profile.by_name and not any(_matches(k, b) for b in (*buffer_names, *tied_names))
     ]
     unit_devices: dict[str, list] = {}
     for name, dev in param_device.items():

@@ -101,6 +101,11 @@ class ModelFamily(ABC):
         """Keyword arguments / outputs accelerate must not move between devices (the KV cache)."""
         return ("past_key_values",)
 
+    @abstractmethod
+    def twin(self):
+        """The config of a shrunk twin: same code and flags, tiny dimensions. Device behaviour does
+        not depend on the dimensions, so constraint probes and tests run twins in milliseconds."""
+
     # --- building -----------------------------------------------------------------------------
     @abstractmethod
     def build_host(self, seed: int = 0) -> nn.Module:

@@ -10,6 +10,7 @@ to full length).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -59,6 +60,28 @@ class IXCFamily(ModelFamily):
     @property
     def skip_keys(self) -> tuple[str, ...]:
         return ("past_key_values",)
+
+    def twin(self) -> XComposerConfig:
+        cfg = self.config
+        return replace(
+            cfg,
+            name=f"{cfg.name}-twin",
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=96,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2 if cfg.num_kv_heads < cfg.num_heads else 4,
+            plora_rank=4,
+            plora_rank_wqkv=4,
+            max_position_embeddings=512,
+            vision_hidden_size=32,
+            vision_intermediate_size=64,
+            vision_layers=1,
+            vision_heads=2,
+            image_size=cfg.patch_size * 4,
+            hd_layout=(1, 2),
+        )
 
     def build_host(self, seed: int = 0) -> nn.Module:
         return init_weights(XComposer(self.config), seed=seed).eval()

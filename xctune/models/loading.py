@@ -46,6 +46,11 @@ class ModelSpec:
 def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelSpec:
     if spec in PRESETS:
         return ModelSpec(spec, PRESETS[spec])
+    from .hf.config import resolve as resolve_transformers
+
+    hf = resolve_transformers(spec, trust_remote_code)  # a transformers VLM: preset or config.json
+    if hf is not None:
+        return ModelSpec(spec, hf, None, trust_remote_code)
     path = Path(spec)
     if not path.is_dir():
         raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")

@@ -79,12 +79,18 @@ class HFConfig:
         """The transformers config object (building it validates the keys)."""
         import transformers
 
+        from transformers.utils import logging
+
         data = {k: v for k, v in self.data.items() if not k.startswith("_")}
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()  # twins trip transformers' warnings on token ids and rope lengths
         try:
             cls = transformers.CONFIG_MAPPING[self.model_type]
             return cls(**data)
         except (TypeError, ValueError, KeyError) as e:
             raise BadInput(f"config of {self.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        finally:
+            logging.set_verbosity(level)
 
 
 def canonical(data: dict) -> str:
@@ -136,7 +142,31 @@ def _lookup(data: dict, dotted: str):
     return cur
 
 
-def is_hf_config(data: dict) -> bool:
-    """A transformers multimodal config (as opposed to an InternLM-XComposer one): it names a model_type
-    that transformers ships and no remote code."""
-    return "model_type" in data and "auto_map" not in data and data.get("model_type") != "internlmxcomposer2"
+def resolve(spec: str, trust_remote_code: bool = False) -> HFConfig | None:
+    """A transformers preset name, or a directory whose config.json is a transformers VLM; else None."""
+    if spec in PRESET_NAMES:
+        return get_preset(spec)
+    path = Path(spec)
+    cfg_path = path / "config.json"
+    if not (path.is_dir() and cfg_path.is_file()) or (path / "xctune_config.json").is_file():
+        return None
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"cannot read {cfg_path}: {e}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{cfg_path} must hold a JSON object")
+    model_type = str(data.get("model_type", ""))
+    if not model_type or "internlm" in model_type:
+        return None  # the embedded InternLM-XComposer reads it (loading.py)
+    if "auto_map" in data and model_type not in SUPPORTED:
+        if not trust_remote_code:
+            raise BadInput(
+                f"{path} needs its own modeling code (auto_map in config.json); running it is code execution: "
+                f"pass --trust-remote-code to allow it"
+            )
+        raise BadInput(
+            f"{path}: remote-code classes are not dry-run by the transformers backend yet (model_type "
+            f"{model_type!r}); supported native classes: {', '.join(sorted(SUPPORTED))}"
+        )
+    return from_dict(data, path.name, str(path))

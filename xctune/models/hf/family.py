@@ -11,6 +11,7 @@ models are vision towers, the other modules with parameters projectors, its own 
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import torch
@@ -42,7 +43,7 @@ class HFFamily(ModelFamily):
     def build_meta(self) -> nn.Module:
         tcfg = self.transformers_config
         tcfg._attn_implementation = "sdpa"
-        with torch.device("meta"):
+        with torch.device("meta"), quiet_transformers():
             model = self.model_class()(tcfg)
         return model.eval()
 
@@ -82,6 +83,11 @@ class HFFamily(ModelFamily):
         layers = [u for u in discover_units(model) if u.role in (Role.DECODER_LAYER, Role.CROSS_ATTENTION_LAYER)]
         return {i for i, u in enumerate(layers) if u.role is Role.CROSS_ATTENTION_LAYER}
 
+    def twin(self) -> HFConfig:
+        from . import twin
+
+        return twin(self.config)
+
     # --- building -----------------------------------------------------------------------------
     def build_host(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -96,6 +102,10 @@ class HFFamily(ModelFamily):
         return build_inputs(self.config, tcfg, workload, self.config.image_tokens() if workload.images else 0)
 
     def dry_steps(self, model, workload, tracker, device, lift):
+        with quiet_transformers():
+            return self._dry_steps(model, workload, tracker, device, lift)
+
+    def _dry_steps(self, model, workload, tracker, device, lift):
         from ...datadep import real_tensors
 
         with real_tensors():
@@ -127,6 +137,19 @@ class HFFamily(ModelFamily):
             token = step.logits[:, -1].argmax(-1)
             del step
         return cache_tensors(cache_obj)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers logs deprecations from inside its own forwards: not the user's business here."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def cache_tensors(cache_obj) -> list[torch.Tensor]:
