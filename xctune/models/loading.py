@@ -53,7 +53,11 @@ def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelSpec:
         return ModelSpec(spec, hf, None, trust_remote_code)
     path = Path(spec)
     if not path.is_dir():
-        raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        from .hf.config import PRESET_NAMES as HF_PRESETS
+
+        raise BadInput(
+            f"unknown model {spec!r}: not a preset ({', '.join((*PRESETS, *HF_PRESETS))}) nor a checkpoint directory"
+        )
     return ModelSpec(spec, config_from_dir(path), path, trust_remote_code)
 
 
