@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from .errors import BadInput
 from .hardware import Cluster
-from .models import XComposer
 from .plan import Plan, resolve
 from .profile import DTYPES, ModelProfile
 
@@ -72,8 +69,7 @@ def accelerate_map(profile: ModelProfile, cluster: Cluster, dtype: str, strategy
     # accelerate warns that the devices it plans for are absent: true here, and beside the point
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
-    with torch.device("meta"):
-        model = XComposer(profile.config)
+    model = profile.family.build_meta()
     model.to(DTYPES[dtype])
     max_memory: dict = {i: cluster.usable_bytes(i) for i in range(len(cluster.gpus))}
     max_memory["cpu"] = 2**50  # overflow goes to host RAM (without this key accelerate sends it to disk)

@@ -18,7 +18,7 @@ from .errors import shown
 from .hardware import GiB, Cluster
 from .placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
 from .plan import Plan, Resolution, resolve
-from .profile import DTYPE_BYTES, LAYER_PREFIX, ModelProfile, unit_of_parameter
+from .profile import DTYPE_BYTES, ModelProfile
 from .virtual import VirtualRun, virtual_run
 from .workload import Workload
 
@@ -64,8 +64,8 @@ def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
         nbytes = numel * DTYPE_BYTES[plan.unit_dtype(name, profile)]
         out[dev] = out.get(dev, 0) + nbytes
     for name, numel in profile.buffer_numels:
-        unit = unit_of_parameter(name)
-        devs = [d for p, d in res.param_device.items() if unit_of_parameter(p) == unit]
+        unit = profile.unit_of(name)
+        devs = [d for p, d in res.param_device.items() if profile.unit_of(p) == unit]
         if not devs:
             continue
         dev = exec_location(devs[0], main)
@@ -88,7 +88,7 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
     if len(res.unknown_keys) > 5:
         f.append(Finding("error", "unknown-module", f"{len(res.unknown_keys) - 5:,} more unknown modules"))
     if res.uncovered:
-        units = list(dict.fromkeys(unit_of_parameter(n) for n in res.uncovered))
+        units = list(dict.fromkeys(profile.unit_of(n) for n in res.uncovered))
         f.append(
             Finding(
                 "error",
@@ -144,7 +144,7 @@ def _colocation(plan, profile, res) -> list[Finding]:
     runs_on = {u: {exec_location(d, main) for d in ds} for u, ds in where.items()}
     if len(set().union(*runs_on.values())) <= 1:
         return []
-    anchor = res.device_of_unit("model.tok_embeddings")
+    anchor = res.device_of_unit(profile.embeddings)
     if anchor is None or anchor in OFFLOAD_TIERS:
         anchor = main
     movers = [u for u in group if runs_on[u] != {anchor}]
@@ -153,14 +153,14 @@ def _colocation(plan, profile, res) -> list[Finding]:
         Finding(
             "error",
             "colocation",
-            f"co-location group split across devices: {placed}; the image and text embeddings are joined by a "
-            f"torch.cat at top level, outside any hook. Repair: put {_names(movers)} on {dev_name(anchor)}",
+            f"co-location group split across devices: {placed}; {profile.colocation_reason}. "
+            f"Repair: put {_names(movers)} on {dev_name(anchor)}",
         )
     ]
 
 
 def lm_path(profile: ModelProfile) -> list[str]:
-    return ["model.tok_embeddings", *profile.layers, *profile.head]
+    return [profile.embeddings, *profile.layers, *profile.head]
 
 
 def _path_warnings(plan, profile, res) -> list[Finding]:
@@ -174,10 +174,10 @@ def _path_warnings(plan, profile, res) -> list[Finding]:
     # layers: one contiguous run per device
     runs: dict = {}
     prev = None
-    for u in profile.layers:
+    for i, u in enumerate(profile.layers):
         d = res.device_of_unit(u)
         if d is not None and d != prev:
-            runs.setdefault(d, []).append(int(u[len(LAYER_PREFIX):]))
+            runs.setdefault(d, []).append(i)
         prev = d
     broken = {d: r for d, r in runs.items() if len(r) > 1}
     for d, starts in broken.items():
@@ -409,7 +409,7 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
     elif static_coloc:
         # the static rule is conservative: the dry run shows this split runs (e.g. vit alone elsewhere)
         findings[:] = [
-            Finding("warning", "colocation-relaxed", f.message.split("; the image")[0] + ": the static rule "
+            Finding("warning", "colocation-relaxed", f.message.split(f"; {profile.colocation_reason}")[0] + ": the static rule "
                     "forbids this, but the dry run shows it runs (the output crosses devices instead)")
             if f.code == "colocation" else f
             for f in findings

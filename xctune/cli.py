@@ -22,7 +22,9 @@ def _add_model(p: argparse.ArgumentParser, default: str | None = "ixc2-vl-7b") -
     p.add_argument(
         "--model",
         default=default,
-        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b, ixc2d5-7b) or a checkpoint directory"
+        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b, ixc2d5-7b; transformers classes: llava-1.5-7b, "
+        "llava-v1.6-mistral-7b, qwen2-vl-7b, qwen2.5-vl-7b, internvl3-8b, idefics3-8b, paligemma-3b, gemma-3-4b, "
+        "llama-3.2-11b-vision) or a checkpoint directory"
         + (" (default: %(default)s)" if default else ""),
     )
     p.add_argument(

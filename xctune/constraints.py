@@ -1,43 +1,26 @@
 """The co-location rules of a model: the static rule, and what dry runs show is truly required.
 
-The static rule (profile.colocation) is conservative: everything that feeds the top-level
-join of image and text embeddings shares one device. Dry runs probe each member of the group:
-moved alone to another GPU, and offloaded to the host. They run on a shrunk twin of the model
-(same code, same flags, small dimensions), so the probes take a fraction of a second; device
-behaviour does not depend on the dimensions.
+The static rule (profile.colocation) is conservative (for the embedded IXC: everything that
+feeds the top-level join of image and text embeddings; for a transformers class: weights tied
+into one tensor). Dry runs probe the parts the field gets wrong — vision tower, projector, root
+parameters, token embeddings, head — each moved alone to another GPU and offloaded to the host,
+and the static group moved together off the main GPU. They run on a shrunk twin of the model
+(same code, same flags, small dimensions: the family's `twin()`), so the probes take seconds;
+device behaviour does not depend on the dimensions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from .models import XComposerConfig
+from .models.base import Role
 from .plan import Plan
 from .profile import ModelProfile, profile_of
 from .virtual import virtual_run
 from .workload import Workload
 
-
-def shrunk(cfg: XComposerConfig) -> XComposerConfig:
-    return replace(
-        cfg,
-        name=f"{cfg.name}-twin",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2 if cfg.num_kv_heads < cfg.num_heads else 4,
-        plora_rank=4,
-        plora_rank_wqkv=4,
-        max_position_embeddings=512,
-        vision_hidden_size=32,
-        vision_intermediate_size=64,
-        vision_layers=1,
-        vision_heads=2,
-        image_size=cfg.patch_size * 4,
-        hd_layout=(1, 2),
-    )
+PROBED_ROLES = (Role.VISION_TOWER, Role.PROJECTOR, Role.ROOT_PARAMETER, Role.EMBEDDINGS, Role.HEAD)
+GROUP = "group on other GPU"
 
 
 @dataclass(frozen=True)
@@ -61,15 +44,21 @@ class ConstraintReport:
         return tuple(p.unit for p in self.probes if p.placement == "other GPU" and not p.runs)
 
     @property
+    def main_gpu(self) -> tuple[str, ...]:
+        """Units that must sit on the main GPU: the static group fails even when moved off it together."""
+        return tuple(u for p in self.probes if p.placement == GROUP and not p.runs for u in p.unit.split(" + "))
+
+    @property
     def not_offloadable(self) -> tuple[str, ...]:
         return tuple(p.unit for p in self.probes if p.placement == "cpu offload" and not p.runs)
 
     root_parameters: tuple[str, ...] = ()
+    static_reason: str = ""
 
     def disagreements(self) -> list[str]:
         out = []
         for p in self.probes:
-            if p.placement != "other GPU" or not p.runs:
+            if p.placement != "other GPU" or not p.runs or p.unit not in self.static_group:
                 continue
             if p.unit in self.root_parameters:
                 out.append(f"{p.unit} may be mapped anywhere: accelerate keeps root-level parameters on the main device")
@@ -83,6 +72,7 @@ class ConstraintReport:
             "static_colocation": list(self.static_group),
             "dry_run_colocation": list(self.required_together),
             "not_offloadable": list(self.not_offloadable),
+            "main_gpu": list(self.main_gpu),
             "top_level_joins": [{"op": op, "units": list(units)} for op, units in self.joins],
             "probes": [p.__dict__ for p in self.probes],
             "disagreements": self.disagreements(),
@@ -91,36 +81,49 @@ class ConstraintReport:
 
     def render(self) -> str:
         lines = [f"co-location rules of {self.model}", ""]
-        lines.append("static rule (fast pre-check): " + ", ".join(self.static_group) + " share one device")
-        lines.append("dry runs (the judge), each member moved alone:")
+        if self.static_group:
+            lines.append("static rule (fast pre-check): " + ", ".join(self.static_group) + " share one device"
+                         + (f": {self.static_reason}" if self.static_reason else ""))
+        else:
+            lines.append("static rule (fast pre-check): none")
+        lines.append("dry runs (the judge), each part moved alone:")
         for p in self.probes:
             verdict = "runs" if p.runs else f"FAILS: {p.cause}"
-            lines.append(f"  {p.unit:<22} {p.placement:<12} {verdict}")
+            lines.append(f"  {p.unit:<34} {p.placement:<18} {verdict}")
         for op, units in self.joins:
             lines.append(f"top-level {op} joins outputs of: {', '.join(units)}")
         lines.append("truly required together: " + (", ".join(self.required_together) or "nothing"))
         if self.not_offloadable:
             lines.append("cannot be offloaded: " + ", ".join(self.not_offloadable))
+        if self.main_gpu:
+            lines.append("must sit on the main GPU: " + ", ".join(self.main_gpu))
         for d in self.disagreements():
             lines.append("static rule vs dry run: " + d)
         return "\n".join(lines)
 
 
 def constraint_report(profile: ModelProfile) -> ConstraintReport:
-    twin = profile_of(shrunk(profile.config))
+    twin = profile_of(profile.family.twin())
     units = [u.name for u in twin.units]
     base = {u: 0 for u in units}
     w = Workload(prompt_tokens=4, new_tokens=2)
     probes = []
-    for member in twin.colocation:
+    members = twin.with_role(*PROBED_ROLES)
+    for member in members:
         for placement, dev in (("other GPU", 1), ("cpu offload", "cpu")):
             if placement == "cpu offload" and twin.by_name[member].is_parameter:
                 continue  # root parameters always stay on the main device
             run = virtual_run(twin, Plan.uniform({**base, member: dev}), w)
             probes.append(Probe(member, placement, run.ok, run.failure.describe() if run.failure else ""))
+    group = [u for u in twin.colocation if not twin.by_name[u].is_parameter]
+    if len(group) > 1:
+        run = virtual_run(twin, Plan.uniform({**base, **{u: 1 for u in group}}), w)
+        probes.append(Probe(" + ".join(group), GROUP, run.ok, run.failure.describe() if run.failure else ""))
     # the trace view: every unit on a logical device of its own shows which outputs meet at top level
     run = virtual_run(
         twin, Plan.uniform(base), w, physical_map=base, locations={u: u for u in units}, main_loc="<main>"
     )
     joins = list(dict.fromkeys((op, tuple(str(x) for x in locs)) for op, locs, _ in run.joins))
-    return ConstraintReport(profile.config.name, profile.colocation, probes, joins, twin.root_parameters)
+    return ConstraintReport(
+        profile.config.name, profile.colocation, probes, joins, twin.root_parameters, profile.colocation_reason
+    )

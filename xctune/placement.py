@@ -106,7 +106,8 @@ def _fake_aware_setter(original):
             return original(module, tensor_name, device, value=value, dtype=dtype, **kwargs)
         new = (value if value is not None else old).to(device)
         if name in owner._parameters:
-            owner._parameters[name] = new
+            # a Parameter still, so that accelerate can re-tie tied weights with setattr
+            owner._parameters[name] = new if isinstance(new, torch.nn.Parameter) else torch.nn.Parameter(new, requires_grad=False)
         else:
             owner._buffers[name] = new
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, shown
-from .profile import DTYPES, GROUPS, ModelProfile, unit_of_parameter
+from .profile import DTYPES, GROUPS, ModelProfile
 
 Device = int | str  # a GPU index, "cpu" or "disk"
 DEFAULT_SKIP_KEYS = ("past_key_values",)
@@ -111,7 +111,7 @@ class Plan:
         return "/".join(self.dtypes[g] for g in GROUPS)
 
     def unit_dtype(self, unit: str, profile: ModelProfile) -> str:
-        return self.dtypes[profile.group_of(unit_of_parameter(unit))]
+        return self.dtypes[profile.group_of(profile.unit_of(unit))]
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -172,10 +172,6 @@ class Resolution:
         return devs[0] if len(devs) == 1 else None
 
 
-def _matches(key: str, name: str) -> bool:
-    return key == "" or name == key or name.startswith(key + ".")
-
-
 def _prefixes(name: str) -> list[str]:
     """The map keys that can cover `name` by accelerate's prefix rule: "", "a", "a.b", ..., the name itself."""
     parts = name.split(".")
@@ -195,11 +191,18 @@ def resolve(device_map: Mapping[str, Device], profile: ModelProfile) -> Resoluti
             twice.append((name, tuple(keys)))
         # accelerate's hooks end up honouring the most specific entry
         param_device[name] = device_map[max(keys, key=len)]
-    known = {p for name, _ in (*profile.param_numels, *profile.buffer_numels) for p in _prefixes(name)}
+    listed = {n for n, _ in profile.param_numels}
+    for alias in (n for group in profile.tied for n in group if n not in listed):
+        keys = [k for k in _prefixes(alias) if k in device_map]
+        if keys:  # where the map puts a tied alias (the head): the co-location rule reads it
+            param_device[alias] = device_map[max(keys, key=len)]
+    tied_names = [n for group in profile.tied for n in group]  # a tied head: its weight is listed once, under the embeddings
+    known = {p for name in (*(n for n, _ in (*profile.param_numels, *profile.buffer_numels)), *tied_names)
+             for p in _prefixes(name)} | set(profile.by_name)
     unknown = [k for k in device_map if k not in known]
     unit_devices: dict[str, list] = {}
     for name, dev in param_device.items():
-        devs = unit_devices.setdefault(unit_of_parameter(name), [])
+        devs = unit_devices.setdefault(profile.unit_of(name), [])
         if dev not in devs:
             devs.append(dev)
     return Resolution(

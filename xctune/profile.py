@@ -1,19 +1,22 @@
 """What a plan may assign, and what it must respect: the placement units of a model.
 
-A *unit* is one entry a plan may give a device: `vit`, `vision_proj`, `model.tok_embeddings`,
-`model.layers.N`, `model.norm`, `output`, and in the HD variants the root parameters
-`plora_glb_GN` / `plora_sub_GN`. Units come in execution order. Each belongs to a precision
-group (vision, lm, head) — the granularity at which a plan chooses dtypes.
+A *unit* is one entry a plan may give a device (for the embedded IXC: `vit`, `vision_proj`,
+`model.tok_embeddings`, `model.layers.N`, `model.norm`, `output`, and in the HD variants the
+root parameters `plora_glb_GN` / `plora_sub_GN`). Units come in execution order, each with a
+role (models/base.py) that gives its precision group (vision, lm, head) — the granularity at
+which a plan chooses dtypes. The profile is read off the model family's own description
+(models/families.py): nothing here names a family's modules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 
 import torch
 
-from .models import XComposer, XComposerConfig
+from .models.base import LAYER_ROLES, ROLE_GROUP, Role
+from .models.families import family_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -29,6 +32,7 @@ class Unit:
     buffer_elems: int  # floating-point buffer elements (rotary tables): they follow the dtype
     int_buffer_bytes: int = 0  # integer buffers (CLIP's position_ids) keep their width
     is_parameter: bool = False  # a root-level parameter rather than a module
+    role: Role | None = None
 
     def weight_bytes(self, dtype: str) -> int:
         return self.param_bytes(dtype) + self.buffer_bytes(dtype)
@@ -43,21 +47,27 @@ class Unit:
 
 @dataclass(frozen=True)
 class ModelProfile:
-    config: XComposerConfig
+    config: object  # the family's config (XComposerConfig, HFConfig): frozen, hashable
     units: tuple[Unit, ...]
-    # The conservative static rule (design.md §1): these produce the embeddings that the top
-    # level joins, so they must share a device. The dry run says what is truly required.
+    # The conservative static rule (design.md §1): these must share a device, for
+    # `colocation_reason`. The dry run says what is truly required (constraints.py).
     colocation: tuple[str, ...]
     param_numels: tuple[tuple[str, int], ...]  # every parameter, as a device map must cover them
     buffer_numels: tuple[tuple[str, int], ...]
+    colocation_reason: str = ""
+    tied: tuple[tuple[str, ...], ...] = ()  # parameter names that are one tensor
+    family: object = field(default=None, compare=False, repr=False)  # models.base.ModelFamily
 
     @cached_property
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
 
+    def with_role(self, *roles: Role) -> tuple[str, ...]:
+        return tuple(u.name for u in self.units if u.role in roles)
+
     @property
     def layers(self) -> tuple[str, ...]:
-        return tuple(u.name for u in self.units if u.name.startswith(LAYER_PREFIX))
+        return self.with_role(*LAYER_ROLES)
 
     @property
     def root_parameters(self) -> tuple[str, ...]:
@@ -65,11 +75,31 @@ class ModelProfile:
 
     @property
     def head(self) -> tuple[str, ...]:
-        return ("model.norm", "output")
+        """Final norm and head, in order."""
+        return self.with_role(Role.FINAL_NORM, Role.HEAD)
 
     @property
     def vision(self) -> tuple[str, ...]:
-        return ("vit", "vision_proj")
+        return self.with_role(Role.VISION_TOWER, Role.PROJECTOR)
+
+    @property
+    def embeddings(self) -> str:
+        return self.with_role(Role.EMBEDDINGS)[0]
+
+    @cached_property
+    def _unit_by_prefix(self) -> dict[str, str]:
+        return {u.name: u.name for u in self.units}
+
+    def unit_of(self, name: str) -> str:
+        """The unit a parameter or buffer name belongs to (the longest unit name that prefixes it)."""
+        units = self._unit_by_prefix
+        probe = name
+        while True:
+            if probe in units:
+                return probe
+            if "." not in probe:
+                return name  # not under any unit
+            probe = probe.rpartition(".")[0]
 
     def group_of(self, unit: str) -> str:
         return self.by_name[unit].group
@@ -82,16 +112,9 @@ class ModelProfile:
         return sum(u.params for u in self.units)
 
 
-def _group(name: str) -> str:
-    if name in ("vit", "vision_proj") or name.startswith("plora_"):
-        return "vision"
-    if name == "output":
-        return "head"
-    return "lm"
-
-
 def unit_of_parameter(name: str) -> str:
-    """The unit a parameter or buffer name belongs to."""
+    """The unit of a parameter of the embedded IXC model (kept for callers that know only names;
+    prefer `ModelProfile.unit_of`, which works for every family)."""
     if name.startswith(LAYER_PREFIX):
         return ".".join(name.split(".")[:3])
     for prefix in ("model.tok_embeddings", "model.norm", "vit", "vision_proj", "output"):
@@ -101,38 +124,48 @@ def unit_of_parameter(name: str) -> str:
 
 
 @cache
-def profile_of(config: XComposerConfig) -> ModelProfile:
+def profile_of(config) -> ModelProfile:
     """Read the unit list off a `meta` instance of the model (no memory, milliseconds)."""
-    with torch.device("meta"):
-        model = XComposer(config)
+    family = family_of(config)
+    model = family.build_meta()
+    specs = family.units(model)
+    names = {s.name for s in specs}
+
+    def unit(name: str) -> str:
+        probe = name
+        while probe not in names and "." in probe:
+            probe = probe.rpartition(".")[0]
+        return probe if probe in names else name
+
     params: dict[str, int] = {}
     buffers: dict[str, int] = {}
     int_buffers: dict[str, int] = {}
     for name, p in model.named_parameters():
-        u = unit_of_parameter(name)
+        u = unit(name)
         params[u] = params.get(u, 0) + p.numel()
     for name, b in model.named_buffers():
-        u = unit_of_parameter(name)
+        u = unit(name)
         if b.is_floating_point():
             buffers[u] = buffers.get(u, 0) + b.numel()
         else:
             int_buffers[u] = int_buffers.get(u, 0) + b.numel() * b.element_size()
-    order = ["vit", "vision_proj"]
-    order += [n for n, _ in model.named_parameters(recurse=False)]  # GN vectors
-    order += ["model.tok_embeddings"] + [f"{LAYER_PREFIX}{i}" for i in range(config.num_layers)]
-    order += ["model.norm", "output"]
-    root_params = {n for n, _ in model.named_parameters(recurse=False)}
     units = tuple(
-        Unit(n, _group(n), params.get(n, 0), buffers.get(n, 0), int_buffers.get(n, 0), is_parameter=n in root_params)
-        for n in order
+        Unit(
+            s.name, ROLE_GROUP[s.role], params.get(s.name, 0), buffers.get(s.name, 0), int_buffers.get(s.name, 0),
+            is_parameter=s.role is Role.ROOT_PARAMETER, role=s.role,
+        )
+        for s in specs
     )
-    coloc = ("vit", "vision_proj", "model.tok_embeddings", *sorted(root_params))
+    coloc = family.static_colocation(specs, model)
     return ModelProfile(
         config,
         units,
-        coloc,
+        coloc.units if coloc else (),
         tuple((n, p.numel()) for n, p in model.named_parameters()),
         tuple((n, b.numel()) for n, b in model.named_buffers()),
+        colocation_reason=coloc.reason if coloc else "",
+        tied=family.tied_weights(model),
+        family=family,
     )
 
 

@@ -26,12 +26,11 @@ import torch
 from .errors import BadInput
 from .hardware import Cluster
 from .instrument import FusedAttention, MoveTimer, OpRecorder
-from .models import XComposer
 from .models.loading import ModelSpec
 from .placement import ONLY_DISK, OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
 from .plan import Plan, resolve
 from .check import weight_bytes
-from .profile import DTYPES, unit_of_parameter, unit_torch_dtypes
+from .profile import DTYPES, unit_torch_dtypes
 from .record import Spread, TrialRecord
 from .simulate import dev, failed_record, record_header
 from .virtual import quiet_accelerate, virtual_run
@@ -90,7 +89,7 @@ class MasterWeights:
     moves or casts what changed; entries the current plan does not use are dropped.
     """
 
-    def __init__(self, master: XComposer):
+    def __init__(self, master: torch.nn.Module):
         self.master = master
         self.tensors = {**dict(master.named_parameters()), **dict(master.named_buffers())}
         self.cache: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
@@ -111,13 +110,12 @@ class MasterWeights:
             self.cache[key] = t
         return t
 
-    def model_for(self, plan: Plan, profile, physical_of) -> XComposer:
+    def model_for(self, plan: Plan, profile, physical_of) -> torch.nn.Module:
         """A model whose tensors sit where the plan's dispatch will want them (no copy on dispatch)."""
         self.bytes_copied = 0
         res = resolve(plan.device_map, profile)
         main = main_location(plan.device_map)
-        with torch.device("meta"):
-            model = XComposer(profile.config)
+        model = profile.family.build_meta()
         used = set()
         for mod_name, module in model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
@@ -126,11 +124,11 @@ class MasterWeights:
                     if t is None:
                         continue
                     full = prefix + name
-                    unit = unit_of_parameter(full)
+                    unit = profile.unit_of(full)
                     dtype = DTYPES[plan.dtypes[profile.group_of(unit)]]
                     place = res.param_device.get(full)
                     if place is None:  # buffers stay with their unit's execution device
-                        place = next((d for p, d in res.param_device.items() if unit_of_parameter(p) == unit), main)
+                        place = next((d for p, d in res.param_device.items() if profile.unit_of(p) == unit), main)
                         place = exec_location(place, main)
                     device = physical_of(place)
                     tensor = self._get(full, dtype, device)

@@ -37,9 +37,17 @@ def ensure_registered() -> None:
     _registered = True
 
 
-def new_fake_mode() -> FakeTensorMode:
+class _NoDeviceInitFakeMode(FakeTensorMode):
+    # With `vgpu` registered torch believes an accelerator exists, and `torch.tensor(...,
+    # device=vgpu)` tries to initialise it ("Could not run 'aten::empty_strided' ... 'vgpu'").
+    # Hit by transformers' DynamicCache (design.md §8); the fake mode can skip device init.
+    avoid_device_init = True
+
+
+def new_fake_mode(*, avoid_device_init: bool = False) -> FakeTensorMode:
     ensure_registered()
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    cls = _NoDeviceInitFakeMode if avoid_device_init else FakeTensorMode
+    return cls(allow_non_fake_inputs=True)
 
 
 def virtual(index: int) -> torch.device:
@@ -65,16 +73,20 @@ def materialize(model: nn.Module, device_of: Callable[[str], torch.device], mode
     """Replace every parameter and buffer of a `meta` model by a fake tensor on `device_of(name)`.
 
     `module.to()` cannot swap fake parameters, and `mode.from_tensor(meta)` stays on meta, so
-    each tensor is made afresh with `torch.empty_strided` inside the fake mode.
+    each tensor is made afresh with `torch.empty_strided` inside the fake mode. Tied weights
+    (one parameter under several names) stay one fake parameter, on the device of the first name.
     """
+    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, fake): the meta one kept alive
     with mode:
-        for mod_name, module in model.named_modules():
+        for mod_name, module in model.named_modules(remove_duplicate=False):
             prefix = f"{mod_name}." if mod_name else ""
             for name, p in list(module._parameters.items()):
                 if p is None:
                     continue
-                t = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device_of(prefix + name))
-                module._parameters[name] = nn.Parameter(t, requires_grad=False)
+                if id(p) not in made:
+                    t = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device_of(prefix + name))
+                    made[id(p)] = (p, nn.Parameter(t, requires_grad=False))
+                module._parameters[name] = made[id(p)][1]
             for name, b in list(module._buffers.items()):
                 if b is None:
                     continue

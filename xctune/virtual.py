@@ -20,11 +20,12 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 from . import vdevice
 from .build import virtual_model
+from .datadep import RealShadows, fake_metadata
 from .instrument import ROOT, FusedAttention, Location, Move, OpRecorder, Tracker, UnitCall
 from .placement import VirtualWorld, dispatch, fake_friendly_accelerate
 from .plan import Plan
 from .profile import ModelProfile, unit_torch_dtypes
-from .workload import Workload, extend_cache, generate, make_inputs
+from .workload import Workload
 
 @dataclass(frozen=True)
 class Failure:
@@ -95,7 +96,9 @@ def virtual_run(
     """
     cfg = profile.config
     workload.check_fits(cfg)
-    mode = vdevice.new_fake_mode()
+    family = profile.family
+    real_metadata = family.uses_real_metadata
+    mode = vdevice.new_fake_mode(avoid_device_init=real_metadata)
     dmap = physical_map or plan.device_map
     build_plan = Plan(dmap, plan.dtypes, plan.skip_keys)
     run = VirtualRun(plan, workload, None)
@@ -118,30 +121,14 @@ def virtual_run(
             tracker = placed.tracker
             run.main = tracker.main
             rec = OpRecorder(tracker, guard_meta_copies=True, parameters=list(model.named_parameters()))
-
-            @contextlib.contextmanager
-            def phase(name):
-                tracker.phase = name
-                yield
-
-            with mode, rec, FusedAttention(rec), torch.no_grad():
-                inputs = make_inputs(cfg, workload, placed.physical_main, fake=True)
-                gen = generate(model, inputs, 2 if workload.new_tokens > 1 else 1, phase, workload.hd_layout)
-                past = gen.past_key_values
-                if workload.new_tokens > 2:
-                    # price the last decode step: its input cache holds prompt + new_tokens - 2 positions
-                    tracker.phase = "setup"
-                    with tracker.unpriced_ops():
-                        past = extend_cache(past, workload.new_tokens - 3, tracker) if workload.new_tokens > 3 else past
-                    del gen
-                    tracker.phase = "decode_last"
-                    token = torch.zeros(workload.batch, 1, dtype=torch.long, device=placed.physical_main)
-                    past = model(input_ids=token, past_key_values=past)["past_key_values"]
-                for k, v in past:
-                    for t in (k, v):
-                        loc = tracker.location(t)
-                        run.kv_bytes[loc] = run.kv_bytes.get(loc, 0) + t.numel() * t.element_size()
-                del past
+            shadows = RealShadows()
+            metadata = fake_metadata(shadows) if real_metadata else contextlib.nullcontext()
+            with mode, metadata, rec, FusedAttention(rec), torch.no_grad():
+                kv = family.dry_steps(model, workload, tracker, placed.physical_main, shadows.fake_of)
+                for t in kv:
+                    loc = tracker.location(t)
+                    run.kv_bytes[loc] = run.kv_bytes.get(loc, 0) + t.numel() * t.element_size()
+                del kv
     except Exception as exc:  # a bad map is a result, not a crash
         run.failure = _failure(exc, tracker, rec)
     if tracker is not None:

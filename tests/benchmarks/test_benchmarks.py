@@ -461,3 +461,48 @@ def test_sharded_load_host_memory(benchmark, tmp_path):
     benchmark.extra_info.update({"source": "measured", "model_bytes": probe["model_bytes"],
                                  "peak_rss_over_start": probe["peak"] - probe["before"], "shards": shards})
     guard(benchmark, "load_peak_rss_over_model_bytes", ratio, 1.3, "loading holds more than one copy of the model")
+
+
+# transformers presets whose full-size dry run the short suite times; XCTUNE_BENCH_FULL=1 times all nine
+HF_BENCH_PRESETS = ("llava-1.5-7b",)
+
+
+def _hf_bench_presets():
+    from xctune.models.hf import PRESET_NAMES
+
+    return PRESET_NAMES if FULL else HF_BENCH_PRESETS
+
+
+@pytest.mark.parametrize("name", _hf_bench_presets())
+def test_transformers_dry_run_vs_ixc(benchmark, vl7b_trace, name):
+    """A full-size dry run of a transformers preset against the embedded IXC2-VL-7B dry run, side by side.
+
+    Both: one image at the model's native size + 64 text tokens, prefill and the first and last of
+    32 decode steps, fp16, two virtual GPUs with the decoder layers split in half."""
+    from xctune.models.hf import get_preset
+
+    ixc_profile, _, ixc_plan = vl7b_trace
+    profile = profile_of(get_preset(name))
+    m = {u.name: 0 for u in profile.units}
+    for layer in profile.layers[len(profile.layers) // 2:]:
+        m[layer] = 1
+    plan = Plan.uniform(m, "fp16")
+    ratios = []
+
+    def both():
+        t0 = time.perf_counter()
+        ixc = virtual_run(ixc_profile, ixc_plan, Workload())
+        t1 = time.perf_counter()
+        run = virtual_run(profile, plan, Workload())
+        t2 = time.perf_counter()
+        assert ixc.ok and run.ok, run.failure
+        ratios.append((t2 - t1) / (t1 - t0))
+        return run
+
+    run = benchmark.pedantic(both, rounds=1 if not FULL else 2)
+    ratio = statistics.median(ratios)
+    benchmark.extra_info.update(
+        {"source": "simulated", "model": name, "ratio_to_ixc_dry_run": ratio,
+         "kv_bytes": {f"cuda:{d}": b for d, b in run.kv_bytes.items()}}
+    )
+    guard(benchmark, f"dry_run_ratio_{name}", ratio, 4.0, "the transformers dry run got slower than 4x the IXC one")

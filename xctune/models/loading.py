@@ -95,9 +95,18 @@ def loading_path(name: str) -> LoadingPath:
 def resolve_model(spec: str, trust_remote_code: bool = False, attn: str | None = None) -> ModelSpec:
     if spec in PRESETS:
         return ModelSpec(spec, PRESETS[spec]).with_attention(attn)
+    from .hf.config import resolve as resolve_transformers
+
+    hf = resolve_transformers(spec, trust_remote_code)  # a transformers VLM: preset or config.json
+    if hf is not None:
+        return ModelSpec(spec, hf, None, trust_remote_code)
     path = Path(spec)
     if not path.is_dir():
-        raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        from .hf.config import PRESET_NAMES as HF_PRESETS
+
+        raise BadInput(
+            f"unknown model {spec!r}: not a preset ({', '.join((*PRESETS, *HF_PRESETS))}) nor a checkpoint directory"
+        )
     config, notes = config_from_dir(path)
     return ModelSpec(spec, config, path, trust_remote_code, notes).with_attention(attn)
 

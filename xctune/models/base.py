@@ -1,0 +1,127 @@
+"""The one description of a model that the rest of xctune uses (design.md §6).
+
+A model family (the embedded InternLM-XComposer, a transformers class, ...) answers, through a
+`ModelFamily`, everything plans, checks, searches and both worlds need to know about it:
+
+- its placement units in execution order, each with a role (vision tower, projector, token
+  embeddings, decoder layer, cross-attention layer, final norm, head, root parameter) — the
+  roles give the precision groups and every rule that used to name one family's modules;
+- tied weights, the keys accelerate must not move (`skip_keys`), and the static co-location
+  rule with its reason (dry runs say what is truly required: constraints.py);
+- how to build it on `meta` (for fake tensors) and with real weights;
+- how to make its inputs for a workload and run the dry-run steps (prefill, cached decode).
+
+Nothing outside `xctune/models/` should need a family's module names: it asks the profile
+(profile.py) built from this description.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class Role(str, Enum):
+    VISION_TOWER = "vision tower"
+    PROJECTOR = "projector"
+    ROOT_PARAMETER = "root parameter"
+    EMBEDDINGS = "embeddings"
+    POSITION_TABLE = "position table"  # a module with buffers only (rotary tables): placed, no weights
+    DECODER_LAYER = "decoder layer"
+    CROSS_ATTENTION_LAYER = "cross-attention layer"
+    FINAL_NORM = "final norm"
+    HEAD = "head"
+
+
+# The precision group of each role: the granularity at which a plan chooses dtypes.
+ROLE_GROUP = {
+    Role.VISION_TOWER: "vision",
+    Role.PROJECTOR: "vision",
+    Role.ROOT_PARAMETER: "vision",
+    Role.EMBEDDINGS: "lm",
+    Role.POSITION_TABLE: "lm",
+    Role.DECODER_LAYER: "lm",
+    Role.CROSS_ATTENTION_LAYER: "lm",
+    Role.FINAL_NORM: "lm",
+    Role.HEAD: "head",
+}
+LAYER_ROLES = (Role.DECODER_LAYER, Role.CROSS_ATTENTION_LAYER)
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """One entry a device map may give a device: a module path (or a root parameter)."""
+
+    name: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class Colocation:
+    """Units whose outputs (or weights) must be on one device, and why."""
+
+    units: tuple[str, ...]
+    reason: str
+
+
+class ModelFamily(ABC):
+    """How one model (one config of one family) is built, described and run."""
+
+    #: the config object the profile is keyed by (frozen, hashable); it carries `name`,
+    #: `max_position_embeddings` and `image_tokens(layout)` for the workload.
+    config: object
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # --- structure ----------------------------------------------------------------------------
+    @abstractmethod
+    def build_meta(self) -> nn.Module:
+        """The model on the `meta` device: structure, names and shapes, no memory."""
+
+    @abstractmethod
+    def units(self, model: nn.Module) -> tuple[UnitSpec, ...]:
+        """Placement units in execution order, read off a (meta) instance."""
+
+    def tied_weights(self, model: nn.Module) -> tuple[tuple[str, ...], ...]:
+        """Groups of parameter names that are one tensor (a head tied to the embeddings)."""
+        return ()
+
+    def static_colocation(self, units: tuple[UnitSpec, ...], model: nn.Module) -> Colocation | None:
+        """The conservative rule checked in milliseconds before any dry run."""
+        return None
+
+    @property
+    def skip_keys(self) -> tuple[str, ...]:
+        """Keyword arguments / outputs accelerate must not move between devices (the KV cache)."""
+        return ("past_key_values",)
+
+    @abstractmethod
+    def twin(self):
+        """The config of a shrunk twin: same code and flags, tiny dimensions. Device behaviour does
+        not depend on the dimensions, so constraint probes and tests run twins in milliseconds."""
+
+    # --- building -----------------------------------------------------------------------------
+    @abstractmethod
+    def build_host(self, seed: int = 0) -> nn.Module:
+        """Real random weights on the CPU in fp32, deterministic per seed."""
+
+    # --- running ------------------------------------------------------------------------------
+    @abstractmethod
+    def make_inputs(self, workload, device, *, fake: bool = False):
+        """The workload's inputs (synthetic, deterministic), on `device`."""
+
+    #: whether a fake run must keep real copies of its inputs to answer data-dependent ops
+    uses_real_metadata: bool = False
+
+    @abstractmethod
+    def dry_steps(self, model: nn.Module, workload, tracker, device, lift) -> list[torch.Tensor]:
+        """Prefill and the priced decode steps of a dry run, inside the fake mode; returns the KV
+        tensors at the end. `lift(real_cpu_tensor, device)` makes a fake input that keeps its
+        values (datadep.py). The family sets `tracker.phase` to "vision", "prefill", "decode",
+        "decode_last" as the steps go (the accounting downstream reads it)."""
