@@ -93,6 +93,8 @@ class Efficiency:
             data = json.loads(Path(path).read_text())
             eff = data.get("efficiency", data)
             links = {k: float(eff[k]) for k in ("gpu_link", "host_pinned", "host_pageable", "disk") if k in eff}
+            if "links" in data:  # a host calibration: its links are the rates measured, taken whole
+                links = {**dict.fromkeys(("gpu_link", "host_pinned", "host_pageable", "disk"), 1.0), **links}
             by_dtype = tuple(DtypeEfficiency(k, float(v["matmul"]), float(v["memory"]), float(v["matmul_op_us"]),
                                              float(v["other_op_us"])) for k, v in eff.get("by_dtype", {}).items())
             return Efficiency(
