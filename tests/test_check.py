@@ -110,7 +110,6 @@ def test_root_parameter_mapped_elsewhere_warns(tiny_hd):
 def test_authors_maps_pass(vl7b):
     r2 = check(load_plan(field_map("authors-heuristic.2gpu"), "fp32"), vl7b, make_cluster("2x24GiB"), Workload())
     assert r2.ok, r2.render()
-    assert r2.dry_run.seconds < 30
     # weights: vit 1.13 + proj 0.08 + embeddings 1.41 + 16 layers x 0.88 GiB + rotary tables (design.md §4)
     assert 17.0 < r2.devices[0].weights_bytes / 2**30 < 17.5
     r4 = check(load_plan(field_map("authors-heuristic.4gpu"), "fp16"), vl7b, make_cluster("4x24GiB"), Workload())

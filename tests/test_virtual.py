@@ -81,12 +81,12 @@ def test_memory_peak_includes_the_kv_cache(tiny):
     assert run.peak_bytes[0] >= kv_full
 
 
-def test_dry_run_of_7b_is_seconds_and_half_precision_halves_weights_traffic(vl7b):
+def test_dry_run_of_7b_half_precision_halves_weights_traffic(vl7b):
     from conftest import field_map
     from xctune.plan import load_plan
 
     fp32 = virtual_run(vl7b, load_plan(field_map("authors-heuristic.2gpu"), "fp32"), W)
     fp16 = virtual_run(vl7b, load_plan(field_map("authors-heuristic.2gpu"), "fp16"), W)
-    assert fp32.ok and fp16.ok and fp32.seconds < 30
+    assert fp32.ok and fp16.ok  # its time is a benchmark (test_dry_run_7b), not a unit-test assertion
     hidden = lambda r: sum(m.nbytes for m in r.moves if m.phase == "prefill" and m.unit == "model.layers.16" and m.nbytes > 10_000)  # noqa: E731
     assert hidden(fp32) == 2 * hidden(fp16)
