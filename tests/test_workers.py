@@ -133,10 +133,8 @@ def test_three_workers_a_kill_and_a_resume_keep_exact_counts(storage, tmp_path, 
     assert sorted(sampled.values()) == [1, TRIALS, TRIALS]
     assert victim_sampled <= 2  # it hung on its 2nd evaluation
     assert len(trials) == len(enqueued) + 2 * TRIALS + 1 + victim_sampled + 1  # + the re-run
-    # every worker counted its own trials and the study's; the leaderboard shows the re-run, not the dead trial
+    # every worker counted its own trials and the study's
     assert "the study holds" in out and "from 4 worker(s)" in out
-    board = (tmp_path / "out" / "leaderboard.csv").read_text()
-    assert f"trial {failed[0].number}," not in board and all(f",{t.number}," in board for t in done)
 
 
 def test_ctrl_c_exits_130_in_one_line_and_writes_the_finished_trials(tmp_path):
