@@ -88,6 +88,7 @@ def queued(t) -> bool:
     return "fixed_params" in t.system_attrs or "failed_trial" in t.system_attrs
 
 
+@pytest.mark.may_skip("PostgreSQL test skipped")  # a machine without PostgreSQL; CI starts one
 def test_three_workers_a_kill_and_a_resume_keep_exact_counts(storage, tmp_path, capsys):
     name = f"w{os.getpid()}-{time.monotonic_ns()}"  # one study per run (the PostgreSQL server may be shared)
     common = ["--storage", storage, "--study-name", name, "--out", str(tmp_path / "out"), "--trials", str(TRIALS)]
