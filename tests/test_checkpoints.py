@@ -101,7 +101,7 @@ def test_no_match_names_what_was_found(tmp_path):
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    with pytest.raises(BadInput, match="names \\['LlamaForCausalLM'\\], not InternLMXComposer2ForCausalLM"):
+    with pytest.raises(BadInput, match="LlamaForCausalLM .* does not support .* nor an InternLM-XComposer2 checkpoint"):
         resolve_model(str(other))
 
 
@@ -332,7 +332,7 @@ def test_study_files_choose_attention_and_loader(tmp_path):
     spec = load_study(f)
     assert (spec.attn, spec.loader) == ("eager", "from_pretrained")
     f.write_text('loader = "pipeline"\n')
-    with pytest.raises(BadInput, match="unknown loader 'pipeline'"):
+    with pytest.raises(BadInput, match='loader = "pipeline": must be one of xctune, from_pretrained'):
         load_study(f)
 
 

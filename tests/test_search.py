@@ -228,7 +228,7 @@ def test_bad_study_files(tmp_path):
     with pytest.raises(Exception, match="not valid TOML"):
         load_study(p)
     p.write_text("[space]\ndtypes = ['fp8']\n")
-    with pytest.raises(Exception, match="unknown dtype"):
+    with pytest.raises(Exception, match="'fp8' is not one of fp32, fp16, bf16"):
         load_study(p)
 
 

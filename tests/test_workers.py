@@ -142,8 +142,10 @@ def test_ctrl_c_exits_130_in_one_line_and_writes_the_finished_trials(tmp_path):
     out = tmp_path / "out"
     common = ["--out", str(out), "--trials", "4"]
     log = tmp_path / "evaluations.log"
-    proc = start(common, log, hang_at=3)
-    wait_for_lines(log, proc, 3)
+    # evaluations 1-3 are accelerate's raw balanced map at three precisions, judged while the
+    # baselines are queued; 4 and 5 are trials of the study; the 6th hangs and is interrupted
+    proc = start(common, log, hang_at=6)
+    wait_for_lines(log, proc, 6)
     proc.send_signal(signal.SIGINT)
     code, stdout, err = finish(proc)
     assert code == 130, err

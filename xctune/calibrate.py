@@ -310,7 +310,8 @@ def host_twin(budgets: Cluster, device: GPUSpec, links: dict[str, LinkSpec] | No
     measured speed, and (where calibrated) the cost of a move between logical devices and of a
     weight load from the offload folder."""
     gpus = tuple(replace(device, name=f"host ({g.name})", memory_bytes=g.memory_bytes) for g in budgets.gpus)
-    extra = {"gpu_link": links["logical"], "disk_link": links["disk"]} if links else {}
+    # node_links=(): the cluster derives its one node's link from gpu_link again
+    extra = {"gpu_link": links["logical"], "disk_link": links["disk"], "node_links": ()} if links else {}
     return replace(budgets, gpus=gpus, **extra)
 
 

@@ -314,7 +314,7 @@ class CheckReport:
             "transfer_bytes_per_decode_step_by_loader": dict(self.decode_by_loader),
             "loaders": {name: p.description for name, p in _paths().items()},
             "skip_keys": list(self.plan.skip_keys),
-            "attention": self.profile.config.attn if self.profile else None,
+            "attention": self.profile.attention if self.profile else None,
             "transfer_bytes_by_link": links,
         }
 
@@ -340,7 +340,7 @@ class CheckReport:
             lines.append("dry run: not run (fix the errors above first)")
         elif dr.ok:
             lines.append(
-                f"dry run: ran ({dr.seconds:.1f} s on fake tensors, {self.profile.config.attn} attention); per forward over "
+                f"dry run: ran ({dr.seconds:.1f} s on fake tensors, {self.profile.attention} attention); per forward over "
                 f"the prompt {self.transfer_bytes('prefill') / 1e6:.1f} MB cross devices, per decode step "
                 f"{self.transfer_bytes('decode') / 1e6:.2f} MB (skip_keys {', '.join(self.plan.skip_keys) or 'none'})"
             )

@@ -111,6 +111,12 @@ class ModelProfile:
     def total_params(self) -> int:
         return sum(u.params for u in self.units)
 
+    @property
+    def attention(self) -> str:
+        """The attention implementation the model runs: the embedded model's choice (`--attn`), else
+        transformers' default for its own classes (sdpa)."""
+        return getattr(self.config, "attn", None) or "sdpa"
+
 
 def unit_of_parameter(name: str) -> str:
     """The unit of a parameter of the embedded IXC model (kept for callers that know only names;

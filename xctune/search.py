@@ -255,7 +255,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     study, created = open_study(spec, storage)
     if not created:
         _wait_until_ready(study, spec, log)
-        _check_identity(study, spec, cluster, profile.config.attn)
+        _check_identity(study, spec, cluster, profile.attention)
     result = SearchResult(spec, study, profile, cluster, space, evaluator=evaluator, tp_size=tp.size if tp else 1)
     before = len([t for t in study.trials if t.state != optuna.trial.TrialState.WAITING])
 
@@ -264,7 +264,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     if spec.real and spec.seed_plans:
         _enqueue_virtual_seeds(spec, study, space, evaluator, log)
     if created:
-        _check_identity(study, spec, cluster, profile.config.attn)  # written last: it tells other workers the study is ready
+        _check_identity(study, spec, cluster, profile.attention)  # written last: it tells other workers the study is ready
 
     def objective(trial: optuna.Trial):
         plan = space.suggest(trial)

@@ -42,8 +42,11 @@ class ModelSpec:
 
     def with_attention(self, attn: str | None) -> "ModelSpec":
         """The same model running another attention implementation (`--attn`, a study's `attn`)."""
-        if attn is None or attn == self.config.attn:
+        if attn is None or attn == getattr(self.config, "attn", None):
             return self
+        if not hasattr(self.config, "attn"):
+            raise BadInput(f"--attn applies to the embedded InternLM-XComposer models; {self.source} runs the "
+                           "attention of its transformers config")
         return replace(self, config=replace(self.config, attn=attn))
 
     def load_master(self, seed: int = 0) -> XComposer:

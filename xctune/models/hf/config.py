@@ -121,7 +121,8 @@ def from_dict(data: dict, name: str, source: str = "") -> HFConfig:
         archs = ", ".join(data.get("architectures") or []) or model_type
         raise BadInput(
             f"config of {name} is {archs} (model_type {model_type!r}), which xctune's transformers backend does not "
-            f"support; supported: {', '.join(sorted(SUPPORTED))}"
+            f"support (supported: {', '.join(sorted(SUPPORTED))}), nor an InternLM-XComposer2 checkpoint "
+            f"(InternLMXComposer2ForCausalLM)"
         )
     from .recipes import recipe_for
 
