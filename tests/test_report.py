@@ -103,7 +103,7 @@ def _set_guard(name, guard, value):
     (_set_guard("test_redispatch_vs_cold_load", "redispatch_over_cold", "0.4"), "redispatch_over_cold = '0.4' is not a finite number"),
     (_set_guard("test_redispatch_vs_cold_load", "redispatch_over_cold", None), "is not a finite number"),
     (_set_guard("test_redispatch_vs_cold_load", "redispatch_over_cold", True), "is not a finite number"),
-    (_set_guard("test_search_wall_time", "gap_to_optimum", 0.2), "gap_to_optimum = 0.2 is over its own limit 0.1"),
+    (_set_guard("test_search_wall_time", "gap_to_optimum", 0.2), "gap_to_optimum = 0.2 is over its own limit 0.02"),
     (lambda d: _bench(d, "test_dry_run_7b")["stats"].update(median=math.nan), "test_dry_run_7b: median time = nan is not"),
 ])
 def test_the_gate_fails_on_what_it_cannot_judge(tmp_path, capsys, change, expected):
@@ -180,3 +180,13 @@ def test_gains_split_into_placement_and_precision():
     assert authors["precision"] == 180.0 / 102.0
     assert single["status"] == {"fp32": "oom", "fp16": "ok"} and single["placement"] == 1.02
     assert single["total"] is None and single["precision"] is None
+
+
+def test_relative_change_reads_lower_as_better_on_both_sides_of_zero():
+    from xctune.compare import Change
+
+    assert Change("b", "g", 2.0, 3.0, True).change == pytest.approx(0.5)
+    assert Change("b", "g", -0.2, -0.1, True).change == pytest.approx(0.5)  # a negative guard rising: worse
+    assert Change("b", "g", -0.2, -0.3, True).change == pytest.approx(-0.5)
+    assert Change("b", "g", 0.0, -1e-16, True).change == 0.0  # from zero, down: no regression
+    assert math.isinf(Change("b", "g", 0.0, 1e-9, True).change)

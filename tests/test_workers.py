@@ -84,6 +84,21 @@ def wait_for_lines(log: Path, proc, n: int, timeout=150):
     raise AssertionError(f"worker {proc.pid} did not start evaluation {n}")
 
 
+def wait_until_set_up(storage: str, name: str, procs, timeout=150):
+    """Until the study exists and its creator has written its identity (written last, after the baselines)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if "identity" in optuna.load_study(study_name=name, storage=storage).user_attrs:
+                return
+        except KeyError:  # not created yet
+            pass
+        if all(p.poll() is not None for p in procs):
+            raise AssertionError(f"every worker ended before the study was set up: {[p.communicate() for p in procs]}")
+        time.sleep(0.2)
+    raise AssertionError(f"study {name} was not set up within {timeout} s")
+
+
 def queued(t) -> bool:
     return "fixed_params" in t.system_attrs or "failed_trial" in t.system_attrs
 
@@ -94,6 +109,9 @@ def test_three_workers_a_kill_and_a_resume_keep_exact_counts(storage, tmp_path, 
     common = ["--storage", storage, "--study-name", name, "--out", str(tmp_path / "out"), "--trials", str(TRIALS)]
     log = tmp_path / "evaluations.log"
     workers = [start(common, log) for _ in range(2)]
+    # the victim starts once the study is set up: the creator's first evaluations are accelerate's
+    # raw maps, judged while it queues the baselines, and a victim killed there would hold no trial
+    wait_until_set_up(storage, name, workers)
     victim = start(common, log, hang_at=2)  # its 2nd trial hangs: killed there
     wait_for_lines(log, victim, 2)
     os.kill(victim.pid, signal.SIGKILL)

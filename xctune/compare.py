@@ -57,9 +57,12 @@ class Change:
 
     @property
     def change(self) -> float:
+        """Relative change, positive = worse (times and guards are lower-is-better). Measured against
+        |before|, so that a guard that is negative when it passes (tau_ceiling_minus_twin) still reads
+        an increase as a regression; from zero, any increase is infinite and a decrease none."""
         if self.before == 0:
-            return 0.0 if self.after == 0 else math.inf
-        return self.after / self.before - 1
+            return math.inf if self.after > 0 else 0.0
+        return (self.after - self.before) / abs(self.before)
 
 
 @dataclass
