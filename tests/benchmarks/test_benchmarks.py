@@ -296,9 +296,8 @@ def test_oracle_time(benchmark, vl7b_all_widths, name):
     gpus, limit = ORACLE_CLUSTERS[name]
     cluster = make_cluster(gpus)
     space = SearchSpace(profile, cluster, SpaceOptions())
-    t0 = time.perf_counter()
-    opt = benchmark.pedantic(Oracle(trace, space, cluster).solve, rounds=1, iterations=1)
-    seconds = time.perf_counter() - t0
+    opt = benchmark.pedantic(Oracle(trace, space, cluster).solve, rounds=5, iterations=1)
+    seconds = benchmark.stats.stats.min  # the fastest of five: a busy machine only ever adds time
     benchmark.extra_info.update({"source": "simulated", "gpus": gpus, "optimum_e2e_ms": opt.e2e_ms,
                                  "programmes": opt.configs, "seconds": seconds})
     # the optimum is a plan of the space, priced as the trace prices it
