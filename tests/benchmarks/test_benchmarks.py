@@ -397,10 +397,12 @@ def test_twin_rank_agreement(benchmark, tmp_path):
                                  "tau_ceiling": a.tau_ceiling, "tau_single": a.tau_single,
                                  "held_out_error_pct": {p: e["mean_abs_pct"] for p, e in cal.held_out_error.items()}})
     assert a.n_plans >= 15
-    guard(benchmark, "tau_ceiling_minus_twin", a.tau_ceiling - a.tau_twin, 0.1,
-          "the twin ranks this machine's plans worse than the measurement ranks itself")
+    # Asserted here, not recorded as a guard: a difference of two rank statistics sits near zero and
+    # moves by +-0.15 between runs, which no relative comparison with a baseline run can judge.
+    check_limit("tau_ceiling_minus_twin", a.tau_ceiling - a.tau_twin, 0.1,
+                "the twin ranks this machine's plans worse than the measurement ranks itself")
     if a.tau_ceiling >= 0.9:
-        guard(benchmark, "tau_0.8_minus_twin", 0.8 - a.tau_twin, 0.0, "the twin's tau fell under 0.8 on a quiet machine")
+        check_limit("tau_0.8_minus_twin", 0.8 - a.tau_twin, 0.0, "the twin's tau fell under 0.8 on a quiet machine")
 
 
 WRITE_SHRUNK = """
