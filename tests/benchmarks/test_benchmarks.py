@@ -296,8 +296,16 @@ def test_oracle_time(benchmark, vl7b_all_widths, name):
     gpus, limit = ORACLE_CLUSTERS[name]
     cluster = make_cluster(gpus)
     space = SearchSpace(profile, cluster, SpaceOptions())
-    opt = benchmark.pedantic(Oracle(trace, space, cluster).solve, rounds=5, iterations=1)
-    seconds = benchmark.stats.stats.min  # the fastest of five: a busy machine only ever adds time
+    times = []
+
+    def solve():
+        t0 = time.perf_counter()
+        out = Oracle(trace, space, cluster).solve()
+        times.append(time.perf_counter() - t0)
+        return out
+
+    opt = benchmark.pedantic(solve, rounds=5, iterations=1)
+    seconds = min(times)  # the fastest of five: a busy machine only ever adds time
     benchmark.extra_info.update({"source": "simulated", "gpus": gpus, "optimum_e2e_ms": opt.e2e_ms,
                                  "programmes": opt.configs, "seconds": seconds})
     # the optimum is a plan of the space, priced as the trace prices it
