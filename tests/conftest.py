@@ -47,6 +47,19 @@ def vl7b():
     return _profile("ixc2-vl-7b")
 
 
+
+def sampled_plans(space, n, seed=0):
+    """n plans drawn from the search space by Optuna's random sampler (what a study's trials would suggest)."""
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(space.suggest(trial))
+        study.tell(trial, 0.0)
+    return out
+
 def two_gpu_map(profile, split_layer: int | None = None) -> dict:
     """Vision + embeddings on 0, layers split in half, head on 1."""
     layers = profile.layers

@@ -8,7 +8,7 @@ import sys
 import optuna
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, sampled_plans
 from xctune.baselines import vllm_default_counts
 from xctune.cli import main
 from xctune.errors import BadInput
@@ -87,15 +87,6 @@ def test_each_move_is_priced_on_the_link_it_crosses(tiny):
 # --- targets: space, oracle, throughput ------------------------------------------------------
 
 
-def sampled(space, n, seed=0):
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    out = []
-    for _ in range(n):
-        trial = study.ask()
-        out.append(space.suggest(trial))
-        study.tell(trial, 0.0)
-    return out
-
 
 @pytest.mark.parametrize("model,gpus,distinct", [
     ("ixc2-vl-7b", "2x[4xrtx4090]@eth-100g", 40),
@@ -107,7 +98,7 @@ def test_pipeline_space_keeps_the_engines_fixed_placement(model, gpus, distinct)
 
     profile = profile_of(get_config(model))
     space = SearchSpace(profile, make_cluster(gpus), SpaceOptions(offload=("cpu",)), PIPE)
-    plans = sampled(space, 200)
+    plans = sampled_plans(space, 200)
     assert len({p.plan_id for p in plans}) >= distinct
     for plan in plans:
         stages = pipeline_stages(plan, profile)  # raises where a rule is broken

@@ -5,7 +5,7 @@ import json
 import optuna
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, sampled_plans
 from xctune.check import static_findings
 from xctune.cli import main
 from xctune.hardware import make_cluster
@@ -20,16 +20,6 @@ from xctune.models import get_config
 from xctune.workload import Workload
 
 QUIET = dict(progress=False, log=lambda m: None)
-
-
-def sampled_plans(space, n, seed=0):
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    out = []
-    for _ in range(n):
-        trial = study.ask()
-        out.append(space.suggest(trial))
-        study.tell(trial, 0.0)
-    return out
 
 
 @pytest.mark.parametrize(
