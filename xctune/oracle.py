@@ -67,7 +67,7 @@ class Optimum:
 
 @dataclass(frozen=True)
 class Offload:
-    """Leading decoder layers on a tier (they run on the main GPU) and where vision_proj lives."""
+    """Leading decoder layers on a tier (they run on the main GPU) and where the projectors live."""
 
     layers: int = 0
     tier: str | None = None
@@ -94,7 +94,7 @@ class Oracle:
         if not tiers:
             return [(0, None, "gpu")]
         out = []
-        for proj in ("gpu", *tiers):
+        for proj in ("gpu", *tiers) if self.space.projectors else ("gpu",):
             out.append((0, None, proj))
             for tier in tiers:
                 out += [(k, tier, proj) for k in range(1, self.L + 1)]
@@ -180,8 +180,9 @@ class _Programme:
         for name in o.space.group_units["head"]:
             self.role[tr.holder_index[name]] = HEAD_ROLE
         if off.proj != "gpu":
-            self.role[tr.holder_index["vision_proj"]] = MAIN_ROLE
-            self.offloaded[tr.holder_index["vision_proj"]] = True
+            for name in o.space.projectors:
+                self.role[tr.holder_index[name]] = MAIN_ROLE
+                self.offloaded[tr.holder_index[name]] = True
         for ℓ, h in enumerate(o.layer_hidx):
             if ℓ < self.k:
                 self.role[h], self.offloaded[h] = MAIN_ROLE, True
@@ -198,6 +199,8 @@ class _Programme:
                 bits |= int(self.role[h])
             if bin(bits).count("1") > 1:
                 self.joined.append(bits)
+        if o.space.head_with_embed and not o.space.rules.first_and_last:
+            self.joined.append(EMBED_ROLE | HEAD_ROLE)  # one tied tensor: accelerate keeps it on one device
 
     # --- moves: always paid, minus refunds where both ends share a GPU -----------------------
     def _moves(self):
@@ -316,7 +319,7 @@ class _Programme:
                     if placed & MAIN_ROLE and R & MAIN_ROLE:
                         continue
                     if self.off.proj != "gpu" and R & EMBED_ROLE and i != 0:
-                        continue  # an offloaded vision_proj runs on GPU 0: its join partner must be there
+                        continue  # an offloaded projector runs on GPU 0: its join partner must be there
                     total = V[placed][:, None] + M
                     a_best = total.argmin(axis=0)
                     val = total[a_best, np.arange(L + 1)]
@@ -367,7 +370,7 @@ def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficie
                         continue
                     for e in range(n):
                         for h in range(n):
-                            if not space.rules.allows(n, 0, e, h):
+                            if not space.allows(n, e, h, proj):
                                 continue
                             plan = space.build(list(counts), e, h, dtypes, k, tier, proj)
                             count += 1
@@ -402,7 +405,7 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
         for counts in _compositions(L - off[0], n)
         for e in range(n)
         for h in range(n)
-        if (off[2] == "gpu" or e == 0) and space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers
+        if space.allows(n, e, h, off[2]) and min(counts) >= space.rules.min_layers
     ] if _space_size(oracle) <= limit else None
     rng = random.Random(seed)
     if candidates is None:
@@ -417,7 +420,9 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
             h = rng.randrange(n)
             if space.rules.first_and_last:
                 e, h = 0, n - 1
-            if space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers:
+            elif space.head_with_embed:
+                h = e
+            if space.allows(n, e, h, off[2]) and min(counts) >= space.rules.min_layers:
                 candidates.append((dtypes, n, off, counts, e, h))
     scored = {}
     for dtypes, n, (kk, tier, proj), counts, e, h in candidates:

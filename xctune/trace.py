@@ -68,7 +68,7 @@ class Trace:
         self,
         profile: ModelProfile,
         workload: Workload,
-        not_offloadable: tuple[str, ...] = ("vit", "model.tok_embeddings"),
+        not_offloadable: tuple[str, ...] | None = None,
         cache_dir: Path | None = None,
     ):
         self.profile, self.workload = profile, workload
@@ -76,7 +76,7 @@ class Trace:
         self.units = [u.name for u in profile.units]
         self.holders = [MAIN, *self.units]
         self.holder_index = {h: i for i, h in enumerate(self.holders)}
-        self.not_offloadable = not_offloadable
+        self.not_offloadable = profile.not_offloadable if not_offloadable is None else not_offloadable
         self._recordings: dict[tuple, _Recording] = {}
         self._price_cache: dict[tuple, np.ndarray] = {}
         self.seconds = 0.0  # spent recording
@@ -129,6 +129,9 @@ class Trace:
         self.seconds += run.seconds
         run.calls = [c for c in run.calls if c.phase != "setup"]
         run.moves = [m for m in run.moves if m.phase != "setup"]
+        from .constraints import confirmed_joins
+
+        run.joins = confirmed_joins(self.profile, run.joins)
         return self._arrays(run)
 
     def _arrays(self, run: VirtualRun) -> _Recording:
@@ -156,6 +159,13 @@ class Trace:
             np.array([m.nbytes for m in moves], dtype=np.int64),
             kv,
         )
+
+    def joins_main(self, units, dtype: str) -> bool:
+        """Whether a top-level join ties one of `units` to the root's own tensors (the main device):
+        then they must sit on the main GPU (PaliGemma's embeddings, design.md §8). Joins do not depend
+        on widths: the trace of `dtype` answers."""
+        probe = Plan({u: 0 for u in self.units}, {g: dtype for g in GROUPS})
+        return any(MAIN in locs and set(locs) & set(units) for _, locs, _ in self.recording(probe).run.joins)
 
     # --- evaluation -------------------------------------------------------------------------
     def unit_devices(self, plan: Plan) -> dict[str, object]:
