@@ -168,3 +168,24 @@ def _fails_alone(twin_config, unit: str) -> bool:
             moved |= units
     plan = Plan.uniform({u.name: (1 if u.name in moved else 0) for u in twin.units})
     return not virtual_run(twin, plan, Workload(prompt_tokens=4, new_tokens=2)).ok
+
+
+def offloadable(profile: ModelProfile, unit: str) -> bool:
+    """Whether `unit`'s weights may be offloaded (`cpu`), by the family's word or a dry run of its twin with
+    that unit alone offloaded (Idefics3's and Mllama's vision towers read the device of their own weights,
+    `meta` while offloaded). Decoder layers and root parameters are not probed: layers stream their
+    weights like any module, root parameters stay on the main device."""
+    if unit in profile.not_offloadable:
+        return False
+    spec = profile.by_name.get(unit)
+    if spec is None or spec.is_parameter or unit in profile.layers:
+        return True
+    twin = profile_of(profile.family.twin())
+    return unit not in twin.by_name or not _fails_offloaded(twin.config, unit)
+
+
+@cache
+def _fails_offloaded(twin_config, unit: str) -> bool:
+    twin = profile_of(twin_config)
+    plan = Plan.uniform({u.name: ("cpu" if u.name == unit else 0) for u in twin.units})
+    return not virtual_run(twin, plan, Workload(prompt_tokens=4, new_tokens=2)).ok

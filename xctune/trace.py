@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .constraints import offloadable
 from .costmodel import Efficiency, Estimate, OpTable, combine
 from .hardware import Cluster
 from .errors import BadInput
@@ -77,6 +78,9 @@ class Trace:
         self.holders = [MAIN, *self.units]
         self.holder_index = {h: i for i, h in enumerate(self.holders)}
         self.not_offloadable = profile.not_offloadable if not_offloadable is None else not_offloadable
+        # units whose weights are one tied tensor (a head tied to the embeddings): one device, or a real run fails
+        self.tied_units = [tuple(dict.fromkeys(profile.unit_of(p) for p in group)) for group in profile.tied]
+        self.tied_units = [g for g in self.tied_units if len(g) > 1 and all(u in self.holder_index for u in g)]
         self._recordings: dict[tuple, _Recording] = {}
         self._price_cache: dict[tuple, np.ndarray] = {}
         self.seconds = 0.0  # spent recording
@@ -197,7 +201,7 @@ class Trace:
         for u, d in placed.items():
             if isinstance(d, int) and d >= len(cluster.gpus):
                 raise InvalidPlan("error", f"{u} is on cuda:{d}, outside the cluster")
-            if d in OFFLOAD_TIERS and u in self.not_offloadable:
+            if d in OFFLOAD_TIERS and (u in self.not_offloadable or not offloadable(self.profile, u)):
                 raise InvalidPlan("meta-copy", f"{u} cannot be offloaded: Cannot copy out of meta tensor")
         root = set(self.profile.root_parameters)
         # where each holder executes: offloaded units and root parameters run on the main device
@@ -206,6 +210,12 @@ class Trace:
         )
         offloaded = np.array([False] + [placed[u] in OFFLOAD_TIERS for u in self.units])
         tier = [None] + [placed[u] if placed[u] in OFFLOAD_TIERS else None for u in self.units]
+        for group in self.tied_units:
+            devs = {exec_dev[self.holder_index[u]] for u in group}
+            if len(devs) > 1:
+                names = ", ".join(f"{u} on cuda:{exec_dev[self.holder_index[u]]}" for u in group)
+                raise InvalidPlan("device-mismatch", f"Expected all tensors to be on the same device (one tied weight "
+                                                     f"for {names}: accelerate keeps it on the head's device)")
         rec = self.recording(plan)
         for op, locs, _ in rec.run.joins:
             devs = {int(exec_dev[self.holder_index[x]]) for x in locs}
