@@ -295,7 +295,8 @@ def _markdown(df, result) -> str:
             v = r.get(c)
             if c == "label" and isinstance(r.get("baseline"), str):
                 v = f"**{r['baseline']}** (baseline)"
-            if c == "status" and r.get("status") == "ok" and not r.get("feasible"):
+            # a map outside the space is never a trial (not feasible for the study), but "ok" there means it fits
+            if c == "status" and r.get("status") == "ok" and not r.get("feasible") and r.get("state") != "OUTSIDE":
                 v = "ok (over memory)"
             if c in ("peak_bytes_max", "transfer_bytes", "internode_bytes_per_token") and isinstance(v, (int, float)) \
                     and not math.isnan(v):
