@@ -145,3 +145,16 @@ def test_search_ends_with_a_checked_map_and_a_gap(tmp_path, name):
     rep = check(r.best_plan, r.profile, r.cluster, W)
     assert rep.ok and rep.dry_run.ok
     assert layout(r.best_plan, r.profile).startswith("emb:")
+
+
+def test_presets_list_the_transformers_presets(capsys):
+    from xctune.cli import main
+    from xctune.models.hf import PRESET_NAMES
+
+    assert main(["presets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["transformers"]
+    assert set(listed) == set(PRESET_NAMES)
+    assert listed["paligemma-3b"]["params"] == 2_923_466_480
+    assert listed["qwen2-vl-7b"]["architecture"] == "Qwen2VLForConditionalGeneration"
+    assert main(["presets"]) == 0
+    assert "llava-v1.6-mistral-7b" in capsys.readouterr().out
