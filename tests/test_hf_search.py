@@ -107,10 +107,12 @@ def test_space_and_trace_agree_with_dry_runs(name, llava, pali):
         assert virtual_run(profile, free, W).ok
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "paligemma-3b"])
-def test_exact_optimum_is_the_brute_force_one(name, llava, pali):
+@pytest.mark.parametrize("name,gpus", [("llava-1.5-7b", GPUS), ("paligemma-3b", GPUS),
+                                       ("paligemma-3b", "0.3MiB,2x0.4MiB")])
+def test_exact_optimum_is_the_brute_force_one(name, gpus, llava, pali):
+    """Also where GPU 0 is the smallest card: PaliGemma's embeddings still belong on it (the root's GPU)."""
     profile = {"llava-1.5-7b": llava, "paligemma-3b": pali}[name]
-    cluster = make_cluster(GPUS)
+    cluster = make_cluster(gpus)
     tr = Trace(profile, W)
     space = SearchSpace(profile, cluster, FP16, embed_on_main=tr.joins_main(profile.embed_group, "fp16"))
     dp, bf = Oracle(tr, space, cluster).solve(), brute_force(tr, space, cluster)

@@ -318,8 +318,8 @@ class _Programme:
                         continue  # the first GPU used is the main GPU
                     if placed & MAIN_ROLE and R & MAIN_ROLE:
                         continue
-                    if self.off.proj != "gpu" and R & EMBED_ROLE and i != 0:
-                        continue  # an offloaded projector runs on GPU 0: its join partner must be there
+                    if (self.off.proj != "gpu" or self.o.space.embed_on_main) and R & EMBED_ROLE and i != 0:
+                        continue  # an offloaded projector (or a join with the root) needs the embeddings on GPU 0
                     total = V[placed][:, None] + M
                     a_best = total.argmin(axis=0)
                     val = total[a_best, np.arange(L + 1)]
