@@ -172,7 +172,7 @@ class SearchSpace:
         n = max(used) + 1
         if n > self.n_gpus or len(tiers) > 1:
             return None
-        if self.head_with_embed and head != embed or self.embed_on_main and embed != 0:
+        if not self.allows(n, embed, head):
             return None
         params: dict = {"n_devices": n}
         if self.options.offload:
