@@ -190,7 +190,7 @@ def test_exact_optimum_over_mixed_links_equals_brute_force_for_accelerate(tiny, 
     trace = Trace(tiny, W)
     space = SearchSpace(tiny, cluster, options)
     dp, brute = Oracle(trace, space, cluster).solve(), brute_force(trace, space, cluster)
-    assert brute.configs > 700 and dp.plan is not None
+    assert brute.configs > 500 and dp.plan is not None  # (520 plans in the offload case: the space builds no offloaded projector off GPU 0)
     assert dp.e2e_ms == pytest.approx(brute.e2e_ms, rel=1e-12)
     used = {d for d in dp.plan.device_map.values() if isinstance(d, int)}
     assert len({cluster.node_of[d] for d in used}) > 1  # the optimum spans nodes

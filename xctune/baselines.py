@@ -1,9 +1,8 @@
 """The maps people use today, to measure against.
 
-- `authors`: the model authors' helper (examples/utils.py `auto_configure_device_map` in the
-  InternLM-XComposer repo): vision, embeddings and head count as 3 of 38 layer-equivalents,
-  the 32 decoder layers are dealt out in order at 38 / N per GPU, the head goes on the last GPU.
-  It ignores memory, dtype, card speed and the KV cache.
+- `authors`: the model family's own published splitting recipe, where it has one (the family
+  supplies it: models/base.py `published_map`) — for the embedded InternLM-XComposer the authors'
+  helper, for InternVL OpenGVLab's `split_model`.
 - `accelerate-sequential` / `accelerate-balanced`: accelerate's `infer_auto_device_map`
   (balanced = with `get_balanced_memory`, what `device_map="auto"` does), computed on a `meta`
   instance of the model. These may break co-location; `repair` gives the nearest valid map.
@@ -29,18 +28,16 @@ NO_SPLIT = ["DecoderLayer", "CLIPEncoderLayer"]
 
 def authors_map(profile: ModelProfile, n_gpus: int) -> dict:
     if n_gpus < 1:
-        raise BadInput("the authors' heuristic needs at least one GPU")
-    per_gpu = 38 / n_gpus
-    dmap: dict = {"vit": 0, "vision_proj": 0, "model.tok_embeddings": 0}
-    dmap.update({p: 0 for p in profile.root_parameters})
-    dmap.update({"model.norm": n_gpus - 1, "output": n_gpus - 1})
-    used, gpu = 3, 0
-    for layer in profile.layers:
-        if used >= per_gpu:
-            gpu, used = gpu + 1, 0
-        dmap[layer] = gpu
-        used += 1
+        raise BadInput("the authors' splitting recipe needs at least one GPU")
+    dmap = profile.family.published_map(profile.units, n_gpus)
+    if dmap is None:
+        raise BadInput(f"{profile.config.name} has no published splitting recipe (baseline 'authors')")
     return dmap
+
+
+def has_baseline(name: str, profile: ModelProfile) -> bool:
+    """Whether the model has this baseline at all (`authors` exists where the family publishes a recipe)."""
+    return name != "authors" or profile.family.published_map(profile.units, 1) is not None
 
 
 def vllm_default_counts(layers: int, stages: int) -> list[int]:
@@ -71,15 +68,17 @@ def accelerate_map(profile: ModelProfile, cluster: Cluster, dtype: str, strategy
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
     model = profile.family.build_meta()
     model.to(DTYPES[dtype])
+    # the classes the model itself declares unsplittable (transformers collects them in post_init), as from_pretrained passes them
+    no_split = sorted(set(NO_SPLIT) | set(getattr(model, "_no_split_modules", None) or ()))
     max_memory: dict = {i: cluster.usable_bytes(i) for i in range(len(cluster.gpus))}
     max_memory["cpu"] = 2**50  # overflow goes to host RAM (without this key accelerate sends it to disk)
     if strategy == "balanced":
         max_memory = get_balanced_memory(
-            model, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=DTYPES[dtype]
+            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=DTYPES[dtype]
         )
     elif strategy != "sequential":
         raise BadInput(f"unknown accelerate strategy {strategy!r}; use sequential or balanced")
-    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=DTYPES[dtype])
+    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=DTYPES[dtype])
     if set(dmap) == {""}:  # everything fits one device: accelerate says {"": 0}
         return {"": dmap[""]}
     return dict(dmap)
@@ -108,16 +107,13 @@ def baseline_plan(name: str, profile: ModelProfile, cluster: Cluster, dtype: str
 
 
 def repair(device_map: dict, profile: ModelProfile) -> dict:
-    """The nearest map that keeps the co-location group together: move the image path to the embeddings."""
+    """The nearest map that keeps the embedding group together: move the rest of it (the image path,
+    root parameters, position tables) to the token embeddings' device."""
     res = resolve(device_map, profile)
-    anchor = res.device_of_unit("model.tok_embeddings")
+    anchor = res.device_of_unit(profile.embeddings)
     if anchor is None or anchor in ("cpu", "disk"):
         anchor = min((d for d in device_map.values() if isinstance(d, int)), default=0)
-    fixed = {}
-    for key, dev in device_map.items():
-        if key in ("vit", "vision_proj") or key.startswith(("vit.", "vision_proj.")) or key in profile.root_parameters:
-            continue
-        fixed[key] = dev
-    fixed.update({"vit": anchor, "vision_proj": anchor})
-    fixed.update({p: anchor for p in profile.root_parameters})
+    moved = [u for u in profile.embed_group if u != profile.embeddings]
+    fixed = {k: d for k, d in device_map.items() if not any(k == u or k.startswith(u + ".") for u in moved)}
+    fixed.update({u: anchor for u in moved})
     return fixed

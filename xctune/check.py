@@ -407,7 +407,7 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
                 for f in findings
             ]
     elif static_coloc:
-        # the static rule is conservative: the dry run shows this split runs (e.g. vit alone elsewhere)
+        # the static rule is conservative: the dry run shows this split runs (e.g. a vision tower alone elsewhere)
         findings[:] = [
             Finding("warning", "colocation-relaxed", f.message.split(f"; {profile.colocation_reason}")[0] + ": the static rule "
                     "forbids this, but the dry run shows it runs (the output crosses devices instead)")

@@ -388,10 +388,15 @@ def cmd_constraints(args) -> int:
 def cmd_presets(args) -> int:
     from .hardware import GPU_PRESETS, LINK_PRESETS, NETWORK_PRESETS, GiB
     from .models import PRESETS
+    from .models.hf import PRESET_NAMES, get_preset
     from .profile import profile_of
 
+    hf = {n: get_preset(n) for n in PRESET_NAMES}
     rows = {
         "models": {n: {"params": profile_of(c).total_params, "image_tokens": c.image_tokens()} for n, c in PRESETS.items()},
+        # image tokens of these are measured by a fake run of the vision tower: `xctune check` shows them
+        "transformers": {n: {"params": profile_of(c).total_params, "architecture": c.architecture, "source": c.source}
+                         for n, c in hf.items()},
         "gpus": {
             n: {"memory_GiB": g.memory_bytes / GiB, "tflops": dict(g.tflops), "mem_bw_gbs": g.mem_bw_gbs, "source": g.source}
             for n, g in GPU_PRESETS.items()
@@ -406,6 +411,9 @@ def cmd_presets(args) -> int:
     print("models:")
     for n, r in rows["models"].items():
         print(f"  {n:<14} {r['params'] / 1e9:>6.2f} B params, {r['image_tokens']} tokens per image")
+    print("transformers models (transformers' own class, built from the published config; nothing downloaded):")
+    for n, r in rows["transformers"].items():
+        print(f"  {n:<22} {r['params'] / 1e9:>6.2f} B params, {r['architecture']} ({r['source']})")
     print("gpus:")
     for n, r in rows["gpus"].items():
         tf = ", ".join(f"{k} {v:g}" for k, v in r["tflops"].items())

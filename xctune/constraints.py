@@ -12,6 +12,7 @@ device behaviour does not depend on the dimensions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from .models.base import Role
 from .plan import Plan
@@ -127,3 +128,64 @@ def constraint_report(profile: ModelProfile) -> ConstraintReport:
     return ConstraintReport(
         profile.config.name, profile.colocation, probes, joins, twin.root_parameters, profile.colocation_reason
     )
+
+
+def confirmed_joins(profile: ModelProfile, joins: list) -> list:
+    """The top-level joins of a trace, each keeping only the units a dry run confirms.
+
+    A trace runs every unit on one physical device (trace.py), so a model's own
+    `.to(other.device)` is a no-op there: an op that takes outputs of several units looks like a
+    join even where the code moves them onto one device first (transformers' native classes move
+    the image features to the embeddings' device). The judge is the twin with that unit alone on
+    another GPU (with the units its weights are tied to): where that runs, the unit is not joined.
+    The top level and root parameters run on the main device whatever the map says: never probed.
+    Joins left with one location are dropped."""
+    if not joins:
+        return joins
+    twin = profile_of(profile.family.twin())
+
+    def joined(unit: str) -> bool:
+        if unit not in twin.by_name or twin.by_name[unit].is_parameter:
+            return True  # the top level, a root parameter, or a unit the twin lacks: kept as recorded
+        return _fails_alone(twin.config, unit)
+
+    out = []
+    for op, locs, phase in joins:
+        kept = tuple(x for x in locs if joined(str(x)))
+        if len(kept) > 1:
+            out.append((op, kept, phase))
+    return out
+
+
+@cache
+def _fails_alone(twin_config, unit: str) -> bool:
+    """Whether the twin fails with `unit` (and the units its weights are tied to) on GPU 1, the rest on GPU 0."""
+    twin = profile_of(twin_config)
+    moved = {unit}
+    for group in twin.tied:
+        units = {twin.unit_of(p) for p in group}
+        if unit in units:
+            moved |= units
+    plan = Plan.uniform({u.name: (1 if u.name in moved else 0) for u in twin.units})
+    return not virtual_run(twin, plan, Workload(prompt_tokens=4, new_tokens=2)).ok
+
+
+def offloadable(profile: ModelProfile, unit: str) -> bool:
+    """Whether `unit`'s weights may be offloaded (`cpu`), by the family's word or a dry run of its twin with
+    that unit alone offloaded (Idefics3's and Mllama's vision towers read the device of their own weights,
+    `meta` while offloaded). Decoder layers and root parameters are not probed: layers stream their
+    weights like any module, root parameters stay on the main device."""
+    if unit in profile.not_offloadable:
+        return False
+    spec = profile.by_name.get(unit)
+    if spec is None or spec.is_parameter or unit in profile.layers:
+        return True
+    twin = profile_of(profile.family.twin())
+    return unit not in twin.by_name or not _fails_offloaded(twin.config, unit)
+
+
+@cache
+def _fails_offloaded(twin_config, unit: str) -> bool:
+    twin = profile_of(twin_config)
+    plan = Plan.uniform({u.name: ("cpu" if u.name == unit else 0) for u in twin.units})
+    return not virtual_run(twin, plan, Workload(prompt_tokens=4, new_tokens=2)).ok

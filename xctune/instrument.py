@@ -426,7 +426,7 @@ class OpRecorder(TorchDispatchMode):
         tr = self.tracker
         packet = func.overloadpacket
         if self.guard_meta_copies and packet in _MOVE_OPS:
-            # Real tensors refuse this; fake ones would not notice (an offloaded vit, design.md §4).
+            # Real tensors refuse this; fake ones would not notice (an offloaded vision tower, design.md §4).
             src = args[1] if packet is aten.copy_ else args[0]
             dst_dev = args[0].device if packet is aten.copy_ else kwargs.get("device")
             if src.device.type == "meta" and dst_dev is not None and torch.device(dst_dev).type != "meta":

@@ -79,7 +79,7 @@ class Optimum:
 
 @dataclass(frozen=True)
 class Offload:
-    """Leading decoder layers on a tier (they run on the main GPU) and where vision_proj lives."""
+    """Leading decoder layers on a tier (they run on the main GPU) and where the projectors live."""
 
     layers: int = 0
     tier: str | None = None
@@ -129,7 +129,7 @@ class Oracle:
         if not tiers:
             return [(0, None, "gpu")]
         out = []
-        for proj in ("gpu", *tiers):
+        for proj in ("gpu", *tiers) if self.space.projectors else ("gpu",):
             out.append((0, None, proj))
             for tier in tiers:
                 out += [(k, tier, proj) for k in range(1, self.L + 1)]
@@ -214,8 +214,9 @@ class _Programme:
         for name in o.space.group_units["head"]:
             self.role[tr.holder_index[name]] = HEAD_ROLE
         if off.proj != "gpu":
-            self.role[tr.holder_index["vision_proj"]] = MAIN_ROLE
-            self.offloaded[tr.holder_index["vision_proj"]] = True
+            for name in o.space.projectors:
+                self.role[tr.holder_index[name]] = MAIN_ROLE
+                self.offloaded[tr.holder_index[name]] = True
         for ℓ, h in enumerate(o.layer_hidx):
             if ℓ < self.k:
                 self.role[h], self.offloaded[h] = MAIN_ROLE, True
@@ -232,6 +233,8 @@ class _Programme:
                 bits |= int(self.role[h])
             if bin(bits).count("1") > 1:
                 self.joined.append(bits)
+        if o.space.head_with_embed and not o.space.rules.first_and_last:
+            self.joined.append(EMBED_ROLE | HEAD_ROLE)  # one tied tensor: accelerate keeps it on one device
 
     # --- moves: the network's price, minus refunds where both ends share a node or a GPU --------
     def _moves(self):
@@ -456,8 +459,8 @@ class _Programme:
                     continue  # the first stage holds the root and the embedding group
                 if not placed & MAIN_ROLE and not R & MAIN_ROLE:
                     continue  # the first GPU used is the main GPU
-                if self.off.proj != "gpu" and R & EMBED_ROLE and i != 0:
-                    continue  # an offloaded vision_proj runs on GPU 0: its join partner must be there
+                if (self.off.proj != "gpu" or self.o.space.embed_on_main) and R & EMBED_ROLE and i != 0:
+                    continue  # an offloaded projector (or a join with the root) needs the embeddings on GPU 0
                 to = placed | R
                 if f:  # the run follows layers of this node: its first move crosses the node's link
                     relax((to, C, True), key, vec, self.run_costs(kind, li, R, C, li, True), R)
@@ -513,7 +516,7 @@ def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficie
                         continue
                     for e in range(n):
                         for h in range(n):
-                            if not space.rules.allows(n, 0, e, h):
+                            if not space.allows(n, e, h, proj):
                                 continue
                             plan = space.build(list(counts), e, h, dtypes, k, tier, proj)
                             count += 1
@@ -548,7 +551,7 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
         for counts in _compositions(L - off[0], n)
         for e in range(n)
         for h in range(n)
-        if (off[2] == "gpu" or e == 0) and space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers
+        if space.allows(n, e, h, off[2]) and min(counts) >= space.rules.min_layers
     ] if _space_size(oracle) <= limit else None
     rng = random.Random(seed)
     if candidates is None:
@@ -563,7 +566,9 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
             h = rng.randrange(n)
             if space.rules.first_and_last:
                 e, h = 0, n - 1
-            if space.rules.allows(n, 0, e, h) and min(counts) >= space.rules.min_layers:
+            elif space.head_with_embed:
+                h = e
+            if space.allows(n, e, h, off[2]) and min(counts) >= space.rules.min_layers:
                 candidates.append((dtypes, n, off, counts, e, h))
     scored = {}
     for dtypes, n, (kk, tier, proj), counts, e, h in candidates:

@@ -205,6 +205,13 @@ def resolve(device_map: Mapping[str, Device], profile: ModelProfile) -> Resoluti
         devs = unit_devices.setdefault(profile.unit_of(name), [])
         if dev not in devs:
             devs.append(dev)
+    for name, _ in profile.buffer_numels:  # a unit of buffers only (a rotary table) is where its buffers are
+        unit = profile.unit_of(name)
+        keys = [k for k in _prefixes(name) if k in device_map]
+        if keys and unit in profile.by_name and profile.by_name[unit].params == 0:
+            devs = unit_devices.setdefault(unit, [])
+            if device_map[max(keys, key=len)] not in devs:
+                devs.append(device_map[max(keys, key=len)])
     return Resolution(
         param_device,
         tuple(uncovered),

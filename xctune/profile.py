@@ -1,10 +1,10 @@
 """What a plan may assign, and what it must respect: the placement units of a model.
 
-A *unit* is one entry a plan may give a device (for the embedded IXC: `vit`, `vision_proj`,
-`model.tok_embeddings`, `model.layers.N`, `model.norm`, `output`, and in the HD variants the
-root parameters `plora_glb_GN` / `plora_sub_GN`). Units come in execution order, each with a
-role (models/base.py) that gives its precision group (vision, lm, head) — the granularity at
-which a plan chooses dtypes. The profile is read off the model family's own description
+A *unit* is one entry a plan may give a device: a vision tower, a projector, a root-level
+parameter, the token embeddings, a position table, each decoder layer, the final norm, the head.
+Units come in execution order, each with a role (models/base.py) that gives its precision group
+(vision, lm, head) — the granularity at which a plan chooses dtypes — and its placement group
+in the search space (what runs before the decoder layers, the layers, what runs after them). The profile is read off the model family's own description
 (models/families.py): nothing here names a family's modules.
 """
 
@@ -21,7 +21,14 @@ from .models.families import family_of
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 GROUPS = ("vision", "lm", "head")
-LAYER_PREFIX = "model.layers."
+# The roles that run before the decoder layers and make their input: one placement group of the
+# search space (space.py), as the model's authors and accelerate's users keep them together.
+EMBED_ROLES = (Role.VISION_TOWER, Role.PROJECTOR, Role.ROOT_PARAMETER, Role.EMBEDDINGS, Role.POSITION_TABLE)
+# How a one-line map (report.layout) names each unit that is not a decoder layer
+ROLE_SHORT = {
+    Role.VISION_TOWER: "vit", Role.PROJECTOR: "proj", Role.ROOT_PARAMETER: "root", Role.EMBEDDINGS: "emb",
+    Role.POSITION_TABLE: "pos", Role.FINAL_NORM: "norm", Role.HEAD: "out",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class ModelProfile:
     buffer_numels: tuple[tuple[str, int], ...]
     colocation_reason: str = ""
     tied: tuple[tuple[str, ...], ...] = ()  # parameter names that are one tensor
+    not_offloadable: tuple[str, ...] = ()  # units whose weights cannot leave the GPU (models/base.py)
     family: object = field(default=None, compare=False, repr=False)  # models.base.ModelFamily
 
     @cached_property
@@ -81,6 +89,21 @@ class ModelProfile:
     @property
     def vision(self) -> tuple[str, ...]:
         return self.with_role(Role.VISION_TOWER, Role.PROJECTOR)
+
+    @property
+    def embed_group(self) -> tuple[str, ...]:
+        """The units that run before the decoder layers (the vision path, root parameters, token
+        embeddings, position tables), in order: the search space places them as one group."""
+        return self.with_role(*EMBED_ROLES)
+
+    @property
+    def projectors(self) -> tuple[str, ...]:
+        return self.with_role(Role.PROJECTOR)
+
+    @property
+    def head_tied_to_embeddings(self) -> bool:
+        """Whether the static rule (tied weights) binds the head group to the embedding group."""
+        return bool(set(self.colocation) & set(self.head)) and bool(set(self.colocation) & set(self.embed_group))
 
     @property
     def embeddings(self) -> str:
@@ -116,17 +139,6 @@ class ModelProfile:
         """The attention implementation the model runs: the embedded model's choice (`--attn`), else
         transformers' default for its own classes (sdpa)."""
         return getattr(self.config, "attn", None) or "sdpa"
-
-
-def unit_of_parameter(name: str) -> str:
-    """The unit of a parameter of the embedded IXC model (kept for callers that know only names;
-    prefer `ModelProfile.unit_of`, which works for every family)."""
-    if name.startswith(LAYER_PREFIX):
-        return ".".join(name.split(".")[:3])
-    for prefix in ("model.tok_embeddings", "model.norm", "vit", "vision_proj", "output"):
-        if name == prefix or name.startswith(prefix + "."):
-            return prefix
-    return name  # a root-level parameter
 
 
 @cache
@@ -171,6 +183,7 @@ def profile_of(config) -> ModelProfile:
         tuple((n, b.numel()) for n, b in model.named_buffers()),
         colocation_reason=coloc.reason if coloc else "",
         tied=family.tied_weights(model),
+        not_offloadable=family.not_offloadable(specs),
         family=family,
     )
 

@@ -34,14 +34,18 @@ def better_first(objective: str, value) -> float:
 
 
 def layout(plan: Plan, profile) -> str:
-    """`emb:0 L0-15:0 L16-31:1 head:1` — a map in one line."""
+    """`emb:0 L0-15:0 L16-31:1 head:1` — a map in one line (root parameters and position tables
+    follow the embeddings; they are not shown)."""
+    from .profile import ROLE_SHORT
+
     m = plan.device_map
     parts = []
-    emb = {m.get(u) for u in ("vit", "vision_proj", "model.tok_embeddings")}
+    shown = [u for u in profile.vision + (profile.embeddings,)]
+    emb = {m.get(u) for u in shown}
     if len(emb) == 1:
         parts.append(f"emb:{emb.pop()}")
     else:
-        parts += [f"{short}:{m.get(u)}" for short, u in (("vit", "vit"), ("proj", "vision_proj"), ("emb", "model.tok_embeddings"))]
+        parts += [f"{ROLE_SHORT[profile.by_name[u].role]}:{m.get(u)}" for u in shown]
     run_start, prev = None, object()
     layers = profile.layers
     for i, u in enumerate([*layers, None]):
@@ -50,8 +54,9 @@ def layout(plan: Plan, profile) -> str:
             if run_start is not None:
                 parts.append(f"L{run_start}-{i - 1}:{prev}" if i - 1 > run_start else f"L{run_start}:{prev}")
             run_start, prev = i, d
-    head = {m.get("model.norm"), m.get("output")}
-    parts.append(f"head:{head.pop()}" if len(head) == 1 else f"norm:{m.get('model.norm')} out:{m.get('output')}")
+    head = {m.get(u) for u in profile.head}
+    parts.append(f"head:{head.pop()}" if len(head) == 1 else
+                 " ".join(f"{ROLE_SHORT[profile.by_name[u].role]}:{m.get(u)}" for u in profile.head))
     return " ".join(parts)
 
 
@@ -290,7 +295,8 @@ def _markdown(df, result) -> str:
             v = r.get(c)
             if c == "label" and isinstance(r.get("baseline"), str):
                 v = f"**{r['baseline']}** (baseline)"
-            if c == "status" and r.get("status") == "ok" and not r.get("feasible"):
+            # a map outside the space is never a trial (not feasible for the study), but "ok" there means it fits
+            if c == "status" and r.get("status") == "ok" and not r.get("feasible") and r.get("state") != "OUTSIDE":
                 v = "ok (over memory)"
             if c in ("peak_bytes_max", "transfer_bytes", "internode_bytes_per_token") and isinstance(v, (int, float)) \
                     and not math.isnan(v):

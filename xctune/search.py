@@ -27,7 +27,7 @@ from pathlib import Path
 import optuna
 
 from .atomic import check_writable
-from .baselines import baseline_plan, repair
+from .baselines import baseline_plan, has_baseline, repair
 from .costmodel import Efficiency
 from .errors import BadInput
 from .hardware import Cluster, make_cluster
@@ -246,12 +246,13 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     cluster = target_cluster(full, spec.target)
     tp = TensorParallel(tp_size(full, spec.target), full.node_links[0]) if spec.target.tensor_parallel == "node" else None
     eff = Efficiency.load(spec.calibration) if spec.calibration else Efficiency()
-    space = SearchSpace(profile, cluster, spec.space, spec.target)
     cache = trace_cache_dir()
     if spec.real:
         evaluator = RealEvaluator(spec, profile, cluster, eff, cache, model_spec)
     else:
         evaluator = VirtualEvaluator(spec, profile, cluster, eff, cache, tp)
+    embed_on_main = evaluator.trace.joins_main(profile.embed_group, spec.baseline_dtype)
+    space = SearchSpace(profile, cluster, spec.space, spec.target, embed_on_main)
     study, created = open_study(spec, storage)
     if not created:
         _wait_until_ready(study, spec, log)
@@ -311,7 +312,8 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
         try:
             result.optimum = _priced(Oracle(evaluator.trace, space, cluster, eff).solve(), evaluator)
             if "fp32" in space.dtypes and len(space.dtypes) > 1:  # the answer to "can I keep fp32?"
-                fp32 = SearchSpace(profile, cluster, replace(spec.space, dtypes=("fp32",), mixed_precision=False), spec.target)
+                fp32 = SearchSpace(profile, cluster, replace(spec.space, dtypes=("fp32",), mixed_precision=False),
+                                   spec.target, embed_on_main)
                 result.fp32_optimum = _priced(Oracle(evaluator.trace, fp32, cluster, eff).solve(), evaluator)
         except RuntimeError as e:
             log(f"no exact optimum: {e}")
@@ -414,8 +416,11 @@ def _enqueue_baselines(spec, study, space, profile, cluster, evaluator, log) -> 
     by_params: dict[tuple, list[str]] = {}
     params_of: dict[tuple, dict] = {}
     outside = list(study.user_attrs.get("outside", []))
+    names = [n for n in spec.baselines if has_baseline(n, profile)]
+    if "authors" in set(spec.baselines) - set(names):
+        log(f"baseline authors: {profile.config.name} has no published splitting recipe")
     for dtype in baseline_precisions(spec, space):
-        for name in spec.baselines:
+        for name in names:
             try:
                 plan = baseline_plan(name, profile, cluster, dtype)
             except BadInput as e:

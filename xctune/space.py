@@ -4,9 +4,11 @@ A point of the space, in the order the parameters are suggested:
 - `n_devices`: use GPUs 0..n-1 of the cluster (the pipeline runs in cluster order);
 - `offload_layers` / `layer_tier` (when the study allows offload): the first k decoder layers
   live on `cpu`/`disk` and run on GPU 0, streamed in per token;
-- `embed_device_n{n}`: the GPU of the whole co-location group (vit, vision_proj,
-  tok_embeddings, GN vectors), `vision_proj_tier` whether vision_proj is offloaded;
-- `head_device_n{n}`: the GPU of model.norm and output;
+- `embed_device_n{n}`: the GPU of the embedding group (what runs before the decoder layers:
+  vision tower, projector, root parameters, token embeddings, position tables — profile.py),
+  `projector_tier` whether the projector is offloaded (models that have one);
+- `head_device_n{n}`: the GPU of the final norm and the head (the embedding group's GPU when
+  the head's weight is tied to the embeddings: no parameter then);
 - `dtype_vision`, `dtype_lm`, `dtype_head` (or one `dtype`): among the study's dtypes that every
   GPU of the cluster supports;
 - `share_n{n}_d{i}`: GPU i's share of the decoder layers, weighted by how many layers its memory
@@ -51,7 +53,7 @@ class SpaceOptions:
 
 class SearchSpace:
     def __init__(self, profile: ModelProfile, cluster: Cluster, options: SpaceOptions = SpaceOptions(),
-                 target: TargetSpec = TargetSpec()):
+                 target: TargetSpec = TargetSpec(), embed_on_main: bool = False):
         if target.pipelined:  # the engines run one dtype for the model and offload nothing
             options = replace(options, mixed_precision=False, offload=())
         self.profile, self.options, self.target, self.rules = profile, options, target, target.rules
@@ -64,10 +66,11 @@ class SearchSpace:
         if not self.dtypes:
             raise BadInput(f"no dtype among {', '.join(options.dtypes)} is supported by every GPU of the cluster")
         self.usable = [cluster.usable_bytes(i) for i in range(len(cluster.gpus))]
-        self.group_units = {
-            "embed": ("vit", "vision_proj", "model.tok_embeddings", *profile.root_parameters),
-            "head": ("model.norm", "output"),
-        }
+        self.group_units = {"embed": profile.embed_group, "head": profile.head}
+        self.projectors = profile.projectors  # the part of the embedding group that may be offloaded
+        self.head_with_embed = profile.head_tied_to_embeddings
+        # a top-level join of the embeddings with the root's own tensors (trace.joins_main): the group on GPU 0
+        self.embed_on_main = embed_on_main
 
     # --- from parameters to a plan -------------------------------------------------------------
     def suggest(self, trial) -> Plan:
@@ -77,11 +80,17 @@ class SearchSpace:
         if self.options.offload:
             k = trial.suggest_int("offload_layers", 0, L)
             tier = trial.suggest_categorical("layer_tier", list(self.options.offload)) if k else None
-            proj_tier = trial.suggest_categorical("vision_proj_tier", ["gpu", *self.options.offload])
-        # an offloaded vision_proj runs on the main GPU (0): the embeddings it is joined with must be there
-        fixed = self.rules.first_and_last or n == 1
+            if self.projectors:
+                proj_tier = trial.suggest_categorical("projector_tier", ["gpu", *self.options.offload])
+        # an offloaded projector runs on the main GPU (0): the embeddings it is joined with must be there
+        fixed = self.rules.first_and_last or n == 1 or self.embed_on_main
         embed = trial.suggest_int(f"embed_device_n{n}", 0, n - 1) if not fixed and proj_tier == "gpu" else 0
-        head = n - 1 if fixed else trial.suggest_int(f"head_device_n{n}", 0, n - 1)
+        if self.head_with_embed and not self.rules.first_and_last:
+            head = embed
+        elif self.rules.first_and_last or n == 1:
+            head = n - 1
+        else:
+            head = trial.suggest_int(f"head_device_n{n}", 0, n - 1)
         if self.options.mixed_precision and len(self.dtypes) > 1:
             dtypes = {g: trial.suggest_categorical(f"dtype_{g}", list(self.dtypes)) for g in GROUPS}
         elif len(self.dtypes) > 1:
@@ -107,7 +116,7 @@ class SearchSpace:
         units = self.profile.by_name
         fixed = [0] * n
         for u in self.group_units["embed"]:
-            if u == "vision_proj" and proj_tier != "gpu":
+            if u in self.projectors and proj_tier != "gpu":
                 continue
             fixed[embed] += units[u].weight_bytes(dtypes[units[u].group])
         for u in self.group_units["head"]:
@@ -120,7 +129,7 @@ class SearchSpace:
         for u in self.group_units["embed"]:
             dmap[u] = embed
         if proj_tier != "gpu":
-            dmap["vision_proj"] = proj_tier
+            dmap.update({u: proj_tier for u in self.projectors})
         i = 0
         for _ in range(offload_layers):
             dmap[self.layers[i]] = tier
@@ -144,7 +153,7 @@ class SearchSpace:
         dev = {u.name: res.device_of_unit(u.name) for u in self.profile.units}
         if any(d is None for d in dev.values()):
             return None
-        embed_devs = {dev[u] for u in self.group_units["embed"] if u != "vision_proj"}
+        embed_devs = {dev[u] for u in self.group_units["embed"] if u not in self.projectors}
         head_devs = {dev[u] for u in self.group_units["head"]}
         if len(embed_devs) != 1 or len(head_devs) != 1:
             return None
@@ -163,18 +172,24 @@ class SearchSpace:
         n = max(used) + 1
         if n > self.n_gpus or len(tiers) > 1:
             return None
+        if not self.allows(n, embed, head):
+            return None
         params: dict = {"n_devices": n}
         if self.options.offload:
             params["offload_layers"] = k
             if k:
                 params["layer_tier"] = tiers.pop()
-            proj = dev["vision_proj"]
-            params["vision_proj_tier"] = proj if proj in ("cpu", "disk") else "gpu"
-            if params["vision_proj_tier"] == "gpu" and proj != embed:
+            projs = {dev[u] for u in self.projectors}
+            if len(projs) > 1:
                 return None
-        elif k or dev["vision_proj"] != embed:
+            proj = projs.pop() if projs else embed
+            if self.projectors:
+                params["projector_tier"] = proj if proj in ("cpu", "disk") else "gpu"
+            if proj not in ("cpu", "disk") and proj != embed:
+                return None
+        elif k or any(dev[u] != embed for u in self.projectors):
             return None
-        if params.get("vision_proj_tier", "gpu") != "gpu" and embed != 0:
+        if params.get("projector_tier", "gpu") != "gpu" and embed != 0:
             return None
         counts = [gpu_runs.count(i) for i in range(n)]
         if self.rules.first_and_last and (embed != 0 or head != n - 1):
@@ -183,11 +198,12 @@ class SearchSpace:
             return None
         if n > 1:
             if not self.rules.first_and_last:
-                if params.get("vision_proj_tier", "gpu") == "gpu":
+                if params.get("projector_tier", "gpu") == "gpu" and not self.embed_on_main:
                     params[f"embed_device_n{n}"] = embed
-                params[f"head_device_n{n}"] = head
+                if not self.head_with_embed:
+                    params[f"head_device_n{n}"] = head
             # shares that reproduce the counts exactly: (count - minimum) / capacity, scaled into [0, 1]
-            caps = self.capacities(n, embed, head, plan.dtypes, params.get("vision_proj_tier", "gpu"))
+            caps = self.capacities(n, embed, head, plan.dtypes, params.get("projector_tier", "gpu"))
             raw = [(c - self.rules.min_layers) / cap for c, cap in zip(counts, caps)]
             top = max(raw) or 1.0
             for i in range(n):
@@ -203,6 +219,18 @@ class SearchSpace:
                 return None
             params["dtype"] = plan.dtypes["lm"]
         return params
+
+    def allows(self, n: int, embed: int, head: int, proj_tier: str = "gpu") -> bool:
+        """Whether a configuration (GPUs 0..n-1, the embedding and head groups' GPUs, the projectors'
+        tier) is one the space can build: the target's rules, a tied head with the embeddings, the
+        embeddings on the main GPU where an offloaded projector or a top-level join needs them there."""
+        if not self.rules.allows(n, 0, embed, head):
+            return False
+        if proj_tier != "gpu" and not self.projectors:
+            return False
+        if (proj_tier != "gpu" or self.embed_on_main) and embed != 0:
+            return False
+        return not (self.head_with_embed and not self.rules.first_and_last and head != embed)
 
     def contains(self, plan: Plan) -> bool:
         return self.params_of(plan) is not None

@@ -287,7 +287,7 @@ def pipeline_map(profile, counts) -> dict:
     if n < 1 or sum(counts) != len(profile.layers) or min(counts) < 1:
         raise BadInput(f"a partition needs at least 1 layer per stage and {len(profile.layers)} layers in all, "
                        f"got {list(counts)}")
-    dmap: dict = {u: 0 for u in ("vit", "vision_proj", *profile.root_parameters, "model.tok_embeddings")}
+    dmap: dict = {u: 0 for u in profile.embed_group}
     layer = iter(profile.layers)
     for stage, c in enumerate(counts):
         for _ in range(c):
@@ -311,7 +311,7 @@ def pipeline_stages(plan, profile) -> tuple[Stage, ...]:
     if layers[0] != 0 or any(b not in (a, a + 1) for a, b in zip(layers, layers[1:])):
         raise BadInput("pipeline stages are contiguous runs of decoder layers on GPUs 0, 1, ... in order, "
                        "at least one layer each")
-    first = {dev[u] for u in ("vit", "vision_proj", "model.tok_embeddings", *profile.root_parameters)}
+    first = {dev[u] for u in profile.embed_group}
     if first != {0}:
         raise BadInput("the engines run the vision encoder, projector and embeddings on the first stage (GPU 0)")
     if {dev[u] for u in profile.head} != {n - 1}:

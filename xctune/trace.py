@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .constraints import offloadable
 from .costmodel import Efficiency, Estimate, OpTable, combine
 from .hardware import Cluster
 from .errors import BadInput
@@ -68,7 +69,7 @@ class Trace:
         self,
         profile: ModelProfile,
         workload: Workload,
-        not_offloadable: tuple[str, ...] = ("vit", "model.tok_embeddings"),
+        not_offloadable: tuple[str, ...] | None = None,
         cache_dir: Path | None = None,
     ):
         self.profile, self.workload = profile, workload
@@ -76,7 +77,10 @@ class Trace:
         self.units = [u.name for u in profile.units]
         self.holders = [MAIN, *self.units]
         self.holder_index = {h: i for i, h in enumerate(self.holders)}
-        self.not_offloadable = not_offloadable
+        self.not_offloadable = profile.not_offloadable if not_offloadable is None else not_offloadable
+        # units whose weights are one tied tensor (a head tied to the embeddings): one device, or a real run fails
+        self.tied_units = [tuple(dict.fromkeys(profile.unit_of(p) for p in group)) for group in profile.tied]
+        self.tied_units = [g for g in self.tied_units if len(g) > 1 and all(u in self.holder_index for u in g)]
         self._recordings: dict[tuple, _Recording] = {}
         self._price_cache: dict[tuple, np.ndarray] = {}
         self.seconds = 0.0  # spent recording
@@ -129,6 +133,9 @@ class Trace:
         self.seconds += run.seconds
         run.calls = [c for c in run.calls if c.phase != "setup"]
         run.moves = [m for m in run.moves if m.phase != "setup"]
+        from .constraints import confirmed_joins
+
+        run.joins = confirmed_joins(self.profile, run.joins)
         return self._arrays(run)
 
     def _arrays(self, run: VirtualRun) -> _Recording:
@@ -156,6 +163,13 @@ class Trace:
             np.array([m.nbytes for m in moves], dtype=np.int64),
             kv,
         )
+
+    def joins_main(self, units, dtype: str) -> bool:
+        """Whether a top-level join ties one of `units` to the root's own tensors (the main device):
+        then they must sit on the main GPU (PaliGemma's embeddings, design.md §8). Joins do not depend
+        on widths: the trace of `dtype` answers."""
+        probe = Plan({u: 0 for u in self.units}, {g: dtype for g in GROUPS})
+        return any(MAIN in locs and set(locs) & set(units) for _, locs, _ in self.recording(probe).run.joins)
 
     # --- evaluation -------------------------------------------------------------------------
     def unit_devices(self, plan: Plan) -> dict[str, object]:
@@ -187,7 +201,7 @@ class Trace:
         for u, d in placed.items():
             if isinstance(d, int) and d >= len(cluster.gpus):
                 raise InvalidPlan("error", f"{u} is on cuda:{d}, outside the cluster")
-            if d in OFFLOAD_TIERS and u in self.not_offloadable:
+            if d in OFFLOAD_TIERS and (u in self.not_offloadable or not offloadable(self.profile, u)):
                 raise InvalidPlan("meta-copy", f"{u} cannot be offloaded: Cannot copy out of meta tensor")
         root = set(self.profile.root_parameters)
         # where each holder executes: offloaded units and root parameters run on the main device
@@ -196,6 +210,12 @@ class Trace:
         )
         offloaded = np.array([False] + [placed[u] in OFFLOAD_TIERS for u in self.units])
         tier = [None] + [placed[u] if placed[u] in OFFLOAD_TIERS else None for u in self.units]
+        for group in self.tied_units:
+            devs = {exec_dev[self.holder_index[u]] for u in group}
+            if len(devs) > 1:
+                names = ", ".join(f"{u} on cuda:{exec_dev[self.holder_index[u]]}" for u in group)
+                raise InvalidPlan("device-mismatch", f"Expected all tensors to be on the same device (one tied weight "
+                                                     f"for {names}: accelerate keeps it on the head's device)")
         rec = self.recording(plan)
         for op, locs, _ in rec.run.joins:
             devs = {int(exec_dev[self.holder_index[x]]) for x in locs}

@@ -472,14 +472,10 @@ def test_sharded_load_host_memory(benchmark, tmp_path):
     guard(benchmark, "load_peak_rss_over_model_bytes", ratio, 1.3, "loading holds more than one copy of the model")
 
 
-# transformers presets whose full-size dry run the short suite times; XCTUNE_BENCH_FULL=1 times all nine
-HF_BENCH_PRESETS = ("llava-1.5-7b",)
-
-
 def _hf_bench_presets():
     from xctune.models.hf import PRESET_NAMES
 
-    return PRESET_NAMES if FULL else HF_BENCH_PRESETS
+    return PRESET_NAMES  # every preset, one round each (two with XCTUNE_BENCH_FULL=1)
 
 
 @pytest.mark.parametrize("name", _hf_bench_presets())
@@ -515,3 +511,32 @@ def test_transformers_dry_run_vs_ixc(benchmark, vl7b_trace, name):
          "kv_bytes": {f"cuda:{d}": b for d, b in run.kv_bytes.items()}}
     )
     guard(benchmark, f"dry_run_ratio_{name}", ratio, 4.0, "the transformers dry run got slower than 4x the IXC one")
+
+
+def test_transformers_search_trial_time(benchmark):
+    """A search trial on a transformers preset once its trace exists (LLaVA-1.5-7B at full size, 2x24GiB,
+    fp16): a plan sampled from the space, evaluated by arithmetic over the trace — milliseconds, as for
+    the embedded model. Guarded: the fastest of the timed trials (a busy machine only adds time)."""
+    from conftest import sampled_plans
+    from xctune.models.hf import get_preset
+    from xctune.space import SearchSpace, SpaceOptions
+
+    profile = profile_of(get_preset("llava-1.5-7b"))
+    cluster = make_cluster("2x24GiB")
+    trace = Trace(profile, Workload())
+    space = SearchSpace(profile, cluster, SpaceOptions(dtypes=("fp16",), mixed_precision=False),
+                        embed_on_main=trace.joins_main(profile.embed_group, "fp16"))  # records the trace once
+    plans = sampled_plans(space, 40)
+    times = []
+
+    def trials():
+        for plan in plans:
+            t0 = time.perf_counter()
+            trace.evaluate(plan, cluster)
+            times.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(trials, rounds=3 if not FULL else 10)
+    fastest_ms = min(times) * 1e3
+    benchmark.extra_info.update({"source": "simulated", "model": "llava-1.5-7b", "trials_timed": len(times),
+                                 "median_trial_ms": statistics.median(times) * 1e3, "trace_seconds": trace.seconds})
+    guard(benchmark, "hf_trial_ms_fastest", fastest_ms, 5.0, "a search trial after the trace takes over 5 ms")

@@ -36,7 +36,8 @@ def loader_text(plan: Plan, profile) -> str:
     mixed = ""
     if plan.mixed:
         mixed = (f"# The plan mixes precisions ({plan.dtype_label}): cast each group as best_plan.json says,\n"
-                 f"# e.g. model.vit.to(torch.{torch_name(plan.dtypes['vision'])}); xctune's placement adds the casts between groups.\n")
+                 f"# e.g. model.{profile.vision[0]}.to(torch.{torch_name(plan.dtypes['vision'])}); "
+                 f"xctune's placement adds the casts between groups.\n")
     return LOADER.format(checkpoint=checkpoint_name(profile.config), dtype=torch_name(plan.dtypes["lm"]), mixed=mixed)
 
 

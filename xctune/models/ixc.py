@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..errors import BadInput
 from .base import Colocation, ModelFamily, Role, UnitSpec
 from .config import XComposerConfig
 from .xcomposer import XComposer, init_weights
@@ -60,6 +61,31 @@ class IXCFamily(ModelFamily):
     @property
     def skip_keys(self) -> tuple[str, ...]:
         return ("past_key_values",)
+
+    def not_offloadable(self, units) -> tuple[str, ...]:
+        # design.md §4: the CLIP tower and the root's first parameter decide `self.device`
+        return ("vit", "model.tok_embeddings")
+
+    def published_map(self, units, n_gpus: int) -> dict:
+        """The authors' helper (examples/utils.py `auto_configure_device_map` in the InternLM-XComposer
+        repo): vision, embeddings and head count as 3 of 38 layer-equivalents, the 32 decoder layers
+        are dealt out in order at 38 / N per GPU, the head goes on the last GPU. It ignores memory,
+        dtype, card speed and the KV cache."""
+        if n_gpus < 1:
+            raise BadInput("the authors' heuristic needs at least one GPU")
+        per_gpu = 38 / n_gpus
+        dmap: dict = {"vit": 0, "vision_proj": 0, "model.tok_embeddings": 0}
+        dmap.update({u.name: 0 for u in units if u.role is Role.ROOT_PARAMETER})
+        dmap.update({"model.norm": n_gpus - 1, "output": n_gpus - 1})
+        used, gpu = 3, 0
+        for u in units:
+            if u.role is not Role.DECODER_LAYER:
+                continue
+            if used >= per_gpu:
+                gpu, used = gpu + 1, 0
+            dmap[u.name] = gpu
+            used += 1
+        return dmap
 
     def twin(self) -> XComposerConfig:
         cfg = self.config

@@ -78,6 +78,12 @@ class HFFamily(ModelFamily):
     def skip_keys(self) -> tuple[str, ...]:
         return ("cache", "past_key_values")
 
+    def published_map(self, units, n_gpus: int) -> dict | None:
+        from .splits import PUBLISHED
+
+        recipe = PUBLISHED.get(self.config.model_type)
+        return recipe(units, n_gpus) if recipe else None
+
     @staticmethod
     def _cross_attention_layers(model) -> set[int]:
         layers = [u for u in discover_units(model) if u.role in (Role.DECODER_LAYER, Role.CROSS_ATTENTION_LAYER)]
