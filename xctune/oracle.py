@@ -2,28 +2,39 @@
 
 In the virtual world a plan's end-to-end time is a sum (trace.py): compute of every call on its
 device, plus every logged move whose two ends sit on different devices, each weighted by how
-often its phase runs. Every GPU-to-GPU move crosses the same link, so a move costs its link time
-exactly when its two ends are on *different* GPUs; which two does not matter.
+often its phase runs and priced on the link it crosses (`Cluster.link_between`): the node's own
+link between two GPUs of one node, the network between GPUs of two nodes.
 
-That makes the sum local to each GPU. A plan is a walk through the GPUs in cluster order: each
-GPU is unused, or holds one contiguous run of decoder layers and some of three *roles* — main
-(the root, root parameters and everything offloaded run there: the lowest GPU used), embed (the
-co-location group) and head. Write every move between different things as "always paid, minus a
-refund where both ends share a GPU": the refunds for role-role and role-layer moves depend only
-on what one GPU holds, and a move between consecutive layers is paid where a run starts. Compute
-and memory are per GPU too. So one dynamic programme over (GPUs so far, layers placed, roles
-placed) finds the best plan of a dtype and offload choice; its cost is GPUs x 8 x 8 min-plus
-products of (L+1)^2 matrices, and the matrices depend only on the GPU's kind (identical GPUs
-share them). Memory feasibility of a GPU depends only on its run and roles.
+A plan is a walk through the GPUs in cluster order: each GPU is unused, or holds one contiguous
+run of decoder layers and some of three *roles* — main (the root, root parameters and everything
+offloaded run there: the first GPU used), embed (the co-location group) and head. Compute and
+memory are per GPU. Moves are made local by writing each as "the network's price, minus a
+refund of (network - node link) where both ends sit in one node, minus a refund of the node
+link where they share a GPU" (on one node the network is the node's link, and the first refund
+is nothing):
+- a move between two roles or a role and a layer: the GPU refund depends on what one GPU
+  holds; the node refund on which roles the node holds and which layers it runs;
+- a move between consecutive layers is paid where a run starts, over the node's link when an
+  earlier GPU of the same node holds layers (runs follow each other in GPU order), else over
+  the network.
+So one dynamic programme finds the best plan of a dtype and offload choice. It walks the GPUs
+node by node; a state is (roles placed, the roles this node holds, whether a GPU of this node
+holds layers yet) with a vector over layers placed. Entering a node chooses its roles (refunding
+the moves between them to the node's link), leaving it checks they were placed. A GPU's step is
+a min-plus product of the state's vector with an (L+1)^2 matrix of the run [a, b) and roles it
+takes; the matrices depend only on the GPU's kind and its node's link (identical GPUs share them).
+On one node the node's roles are all three and the walk is GPUs x 8 x 8 such products, as before
+links were priced per pair; over several nodes at most 8 times the states. Memory feasibility of
+a GPU depends only on its run and roles.
 
 `brute_force` evaluates every plan of the space with `Trace.evaluate`; tests check that both
-give the same optimum on small cases.
+give the same optimum on small cases, single-node and over nodes with mixed links.
 
 A target's rules (`space.rules`, targets.PlanRules) narrow what the programme may build, in
-three places only: moves of `rules.free_move_kinds` are not priced (`_moves`), a GPU's run holds
-at least `rules.min_layers` layers (`step_costs`), and `rules.first_and_last` makes the walk a
-pipeline (`solve`): GPU 0 holds the main and embedding roles, the GPUs used follow each other
-without a gap, and the head's GPU is the last one used.
+three places only: moves of `rules.free_move_kinds` are not priced (`_DtypeTables`), a GPU's run
+holds at least `rules.min_layers` layers (`step_costs`), and `rules.first_and_last` makes the
+walk a pipeline (`_gpu`): GPU 0 holds the main and embedding roles, the GPUs used follow each
+other without a gap, and the head's GPU is the last one used.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from .trace import MAIN, InvalidPlan, Trace
 MAIN_ROLE, EMBED_ROLE, HEAD_ROLE = 1, 2, 4  # role bits of a GPU's holdings
 ROLE_BITS = (MAIN_ROLE, EMBED_ROLE, HEAD_ROLE)
 ALL_ROLES = MAIN_ROLE | EMBED_ROLE | HEAD_ROLE
+ROLE_PAIRS = (MAIN_ROLE | EMBED_ROLE, MAIN_ROLE | HEAD_ROLE, EMBED_ROLE | HEAD_ROLE)
 
 
 def phase_weights(new_tokens: int) -> dict[str, float]:
@@ -82,6 +94,29 @@ class Oracle:
         self.layer_hidx = np.array([trace.holder_index[u] for u in self.profile.layers])
         self.w = phase_weights(trace.workload.new_tokens)
         self.gpus = cluster.gpus[: space.n_gpus]
+        self.kinds = list(dict.fromkeys(self.gpus))  # identical GPUs share every table
+        self.kind_of = [self.kinds.index(g) for g in self.gpus]
+        self._links()
+
+    def _links(self):
+        """The GPUs in use, node by node, and the links between them, as `Cluster.link_between` gives
+        them: a node's own link between two of its GPUs, the network between GPUs of two nodes."""
+        cluster, n = self.cluster, len(self.gpus)
+        node_of = cluster.node_of[:n]
+        self.nodes = [tuple(i for i in range(n) if node_of[i] == j) for j in dict.fromkeys(node_of)]
+        links: list = []
+
+        def index(link) -> int:
+            if link not in links:
+                links.append(link)
+            return links.index(link)
+
+        # a node of one GPU moves nothing inside itself: any link will do for its refunds
+        self.node_link = [index(cluster.link_between(m[0], m[1]) if len(m) > 1 else cluster.node_links[node_of[m[0]]])
+                          for m in self.nodes]
+        self.network_link = index(cluster.link_between(self.nodes[0][0], self.nodes[1][0])) if len(self.nodes) > 1 \
+            else self.node_link[0]  # one node: every move crosses its link (the programme's network refund is 0)
+        self.links = links
 
     def dtype_choices(self):
         ds = self.space.dtypes
@@ -100,24 +135,14 @@ class Oracle:
                 out += [(k, tier, proj) for k in range(1, self.L + 1)]
         return out
 
-    def gpu_link(self):
-        """The one link every GPU-to-GPU move crosses (the programme relies on there being one)."""
-        n = len(self.gpus)
-        links = {self.cluster.link_between(a, b) for a in range(n) for b in range(n) if a != b}
-        if len(links) > 1:
-            raise RuntimeError("the GPUs are joined by links of different kinds: the dynamic programme "
-                               "assumes one GPU-to-GPU link")
-        return links.pop() if links else None
-
     def solve(self) -> Optimum:
         t0 = time.perf_counter()
-        link = self.gpu_link()
         best_cost, best_plan, programmes = math.inf, None, 0
         for dtypes in self.dtype_choices():
             tables = _DtypeTables(self, dtypes)
             for k, tier, proj in self.offload_choices():
                 programmes += 1
-                cost, walk = _Programme(tables, Offload(k, tier, proj), link).solve()
+                cost, walk = _Programme(tables, Offload(k, tier, proj)).solve()
                 if cost < best_cost:
                     best_cost = cost
                     best_plan = self._plan(walk, dtypes, Offload(k, tier, proj))
@@ -142,23 +167,32 @@ class _DtypeTables:
         calls = rec.run.calls
         self.call_weight = np.array([oracle.w.get(c.phase, 0.0) for c in calls])
         holder_dtype = [dtypes["lm"]] + [dtypes[prof.group_of(u)] for u in tr.units]
-        self.kinds = list(dict.fromkeys(oracle.gpus))  # identical GPUs share every table
-        # seconds[kind][c]: weighted seconds of call c on a GPU of that kind
-        self.seconds = {
-            g: self.call_weight * np.array([tr.call_seconds(probe, i, g, holder_dtype[rec.holder[i]], oracle.eff)
-                                            for i in range(len(calls))])
-            for g in self.kinds
-        }
+        # seconds[kind][c]: weighted seconds of call c on a GPU of that kind (oracle.kinds)
+        self.seconds = [
+            self.call_weight * np.array([tr.call_seconds(probe, i, g, holder_dtype[rec.holder[i]], oracle.eff)
+                                         for i in range(len(calls))])
+            for g in oracle.kinds
+        ]
+        # move_seconds[link][m]: weighted seconds of logged move m over that link (0: a move the target does not make)
+        free = oracle.space.rules.free_move_kinds
+        self.move_weight = np.array([0.0 if mv.kind in free else oracle.w.get(mv.phase, 0.0) for mv in rec.run.moves])
+        nbytes = rec.move_bytes.astype(np.float64)
+        self.move_seconds = np.zeros((len(oracle.links), len(nbytes)))
+        if len(oracle.gpus) > 1:  # one GPU moves nothing between GPUs
+            for li, link in enumerate(oracle.links):  # LinkSpec.transfer_seconds, for every move at once
+                each = np.where(nbytes > 0, link.latency_us * 1e-6 + nbytes / (link.bandwidth * oracle.eff.gpu_link), 0.0)
+                self.move_seconds[li] = self.move_weight * each
         self.unit_bytes = {u.name: (u.param_bytes(dtypes[u.group]), u.buffer_bytes(dtypes[u.group])) for u in prof.units}
 
 
 class _Programme:
     """The dynamic programme for one dtype and offload choice (see the module docstring)."""
 
-    def __init__(self, tables: _DtypeTables, off: Offload, link):
-        self.t, self.off, self.link = tables, off, link
+    def __init__(self, tables: _DtypeTables, off: Offload):
+        self.t, self.off = tables, off
         o = tables.o
         self.o, self.rec, self.L, self.k = o, tables.rec, o.L, off.layers
+        self._fit, self._steps, self._runs = {}, {}, {}  # per (GPU kind, ...): what identical GPUs share
         self._roles()
         self._moves()
 
@@ -199,45 +233,59 @@ class _Programme:
             if bin(bits).count("1") > 1:
                 self.joined.append(bits)
 
-    # --- moves: always paid, minus refunds where both ends share a GPU -----------------------
+    # --- moves: the network's price, minus refunds where both ends share a node or a GPU --------
     def _moves(self):
-        o, rec, L = self.o, self.rec, self.L
-        self.const = 0.0
-        self.role_pair = {}  # (bits of two roles) -> seconds refunded when one GPU holds both
-        self.role_layer = np.zeros((8, L))  # [role bit, layer] -> seconds refunded when they share a GPU
-        self.boundary = np.zeros(L + 1)  # [j] -> seconds paid when a run starts at layer j > k
-        for idx, mv in enumerate(rec.run.moves):
-            s, d = int(rec.move_src[idx]), int(rec.move_dst[idx])
-            wgt = o.w.get(mv.phase, 0.0)
-            if not wgt or mv.kind in o.space.rules.free_move_kinds:
-                continue
-            secs = wgt * self.link.transfer_seconds(int(rec.move_bytes[idx]), o.eff.gpu_link) if self.link else 0.0
-            rs, rd, ls, ld = self.role[s], self.role[d], self.layer[s], self.layer[d]
-            if rs and rd:
-                if rs != rd:
-                    self.const += secs
-                    key = rs | rd
-                    self.role_pair[key] = self.role_pair.get(key, 0.0) + secs
-            elif rs or rd:
-                self.const += secs
-                self.role_layer[rs or rd, ld if rs else ls] += secs
-            elif ls != ld:
-                if abs(ls - ld) != 1:
-                    raise RuntimeError("a move between non-adjacent layers: the dynamic programme does not apply")
-                self.boundary[max(ls, ld)] += secs
+        """Price every logged move on each link kind and split it into the programme's terms.
+
+        A move between two different things costs the network's price, minus (network - node link)
+        where both ends sit in one node, minus the node link's price where they share a GPU. On one
+        node the network is the node's own link: the first refund is nothing."""
+        o, t, rec, L = self.o, self.t, self.rec, self.L
+        rs, rd = self.role[rec.move_src], self.role[rec.move_dst]
+        ls, ld = self.layer[rec.move_src], self.layer[rec.move_dst]
+        paid = t.move_weight > 0
+        role_role = paid & (rs > 0) & (rd > 0) & (rs != rd)
+        role_layer = paid & ((rs > 0) != (rd > 0))
+        layer_layer = paid & (rs == 0) & (rd == 0) & (ls != ld)
+        if (np.abs(ls - ld)[layer_layer] != 1).any():
+            raise RuntimeError("a move between non-adjacent layers: the dynamic programme does not apply")
+        pair = (rs | rd)[role_role]
+        role_of, layer_of = np.maximum(rs, rd)[role_layer], np.maximum(ls, ld)[role_layer]
+        cut = np.maximum(ls, ld)[layer_layer]
+        n_links = len(o.links)
+        self.role_pair = np.zeros((n_links, 8))  # [link, bits of two roles] -> seconds of the moves between them
+        self.role_layer_cum = np.zeros((n_links, 8, L + 1))  # [link, role bit, x] -> seconds to/from layers below x
+        self.boundary = np.zeros((n_links, L + 1))  # [link, j] -> seconds of the moves between layers j - 1 and j
+        for li in range(n_links):
+            secs = t.move_seconds[li]
+            self.role_pair[li] = np.bincount(pair, weights=secs[role_role], minlength=8)
+            per_layer = np.zeros((8, L))
+            np.add.at(per_layer, (role_of, layer_of), secs[role_layer])
+            self.role_layer_cum[li, :, 1:] = np.cumsum(per_layer, axis=1)
+            self.boundary[li] = np.bincount(cut, weights=secs[layer_layer], minlength=L + 1)
+        net = o.network_link
+        self.const = float(self.role_pair[net].sum() + self.role_layer_cum[net, :, L].sum())
         calls = rec.run.calls
         layer_holders = set(o.layer_hidx.tolist())
         for i in np.nonzero(self.offloaded[rec.holder] & (rec.weight_bytes > 0))[0]:
             tier = self.off.tier if int(rec.holder[i]) in layer_holders else self.off.proj
             for chunk in calls[i].weight_chunks:  # streamed to the main GPU at every call: the same link for any GPU
-                self.const += self.t.call_weight[i] * link_seconds(o.cluster, tier, 0, chunk, o.eff)
-        self.role_layer_cum = np.hstack([np.zeros((8, 1)), np.cumsum(self.role_layer, axis=1)])
+                self.const += t.call_weight[i] * link_seconds(o.cluster, tier, 0, chunk, o.eff)
+
+    def pair_refund(self, li: int, R: int) -> float:
+        """Seconds, on link li, of the moves between two roles that R both holds."""
+        return float(sum(self.role_pair[li, p] for p in ROLE_PAIRS if R & p == p))
 
     # --- one GPU: the cost of holding roles R and layers [a, b) ------------------------------
-    def step_costs(self, gpu) -> dict[int, np.ndarray]:
-        """For each allowed role set R: an (L+1) x (L+1) matrix of seconds, [a, b] for the run [a, b) (inf: not allowed)."""
+    def step_costs(self, kind: int, li: int) -> dict[int, np.ndarray]:
+        """For each allowed role set R: an (L+1) x (L+1) matrix of seconds, [a, b] for the run [a, b)
+        (inf: not allowed), on a GPU of this kind in a node whose link is li. The move into the
+        run's first layer is not in it: its link depends on the GPU before (`run_costs`)."""
+        key = (kind, li)
+        if key in self._steps:
+            return self._steps[key]
         t, L, k = self.t, self.L, self.k
-        sec = t.seconds[gpu]
+        sec = t.seconds[kind]
         call_layer = self.layer[self.rec.holder]
         layer_sec = np.zeros(L)
         np.add.at(layer_sec, call_layer[call_layer >= 0], sec[call_layer >= 0])
@@ -245,8 +293,9 @@ class _Programme:
         role_sec = {bit: float(sec[self.role[self.rec.holder] == bit].sum()) for bit in ROLE_BITS}
         a = np.arange(L + 1)[:, None]
         b = np.arange(L + 1)[None, :]
-        run = layer_cum[b] - layer_cum[a] + np.where((b > a) & (a > k), self.boundary[np.minimum(a, L)], 0.0)
+        run = layer_cum[b] - layer_cum[a]
         valid = (b >= a) & (a >= k)
+        refund = self.role_layer_cum[li]
         out = {}
         for R in range(8):
             if any(R & j and R & j != j for j in self.joined):
@@ -254,16 +303,52 @@ class _Programme:
             cost = run.copy()
             for bit in ROLE_BITS:
                 if R & bit:
-                    cost += role_sec[bit] - (self.role_layer_cum[bit][b] - self.role_layer_cum[bit][a])
-            cost -= sum(s for pair, s in self.role_pair.items() if R & pair == pair)
-            ok = valid & self.fits(gpu, R) & (b - a >= self.o.space.rules.min_layers)
+                    cost += role_sec[bit] - (refund[bit][b] - refund[bit][a])
+            cost -= self.pair_refund(li, R)
+            ok = valid & self.fits(kind, R) & (b - a >= self.o.space.rules.min_layers)
             if R in (0, MAIN_ROLE):
                 ok &= b > a  # an unused GPU is a skip; the main GPU holds some unit
             out[R] = np.where(ok, cost, np.inf)
+        self._steps[key] = out
         return out
 
-    def fits(self, gpu, R: int) -> np.ndarray:
+    def run_costs(self, kind: int, li: int, R: int, C: int, into: int, diagonal: bool) -> np.ndarray:
+        """`step_costs` plus what the run costs beyond its GPU: the move into its first layer over
+        link `into`, and the refund (network - node link) of the moves between its layers and the
+        roles C of its node. `diagonal`: keep the empty runs [a, a] (they pay neither)."""
+        key = (kind, li, R, C, into, diagonal)
+        M = self._runs.get(key)
+        if M is None:
+            L, k = self.L, self.k
+            a = np.arange(L + 1)[:, None]
+            b = np.arange(L + 1)[None, :]
+            M = self.step_costs(kind, li)[R] + np.where((b > a) & (a > k), self.boundary[into][:, None], 0.0)
+            net = self.o.network_link
+            if net != li:
+                for bit in ROLE_BITS:
+                    if C & bit:
+                        d = self.role_layer_cum[net, bit] - self.role_layer_cum[li, bit]
+                        M = M - (d[b] - d[a])
+            if not diagonal:
+                M = np.where(b > a, M, np.inf)
+            self._runs[key] = M
+        return M
+
+    def empty_run_costs(self, kind: int, li: int, R: int) -> np.ndarray:
+        """`step_costs` of the empty runs [a, a] alone (roles without layers)."""
+        key = (kind, li, R, "empty")
+        if key not in self._runs:
+            self._runs[key] = np.where(np.eye(self.L + 1, dtype=bool), self.step_costs(kind, li)[R], np.inf)
+        return self._runs[key]
+
+    def fits(self, kind: int, R: int) -> np.ndarray:
         """[a, b]: does a GPU of this kind hold roles R and layers [a, b) within its usable memory?"""
+        key = (kind, R)
+        if key not in self._fit:
+            self._fit[key] = self._fits(kind, R)
+        return self._fit[key]
+
+    def _fits(self, kind: int, R: int) -> np.ndarray:
         o, rec, L = self.o, self.rec, self.L
         here = (self.role & R) > 0  # holders on this GPU besides the run's layers
         extra = rec.transient + np.where(self.offloaded[rec.holder], rec.weight_chunk_max, 0.0)
@@ -284,62 +369,111 @@ class _Programme:
         layer_w = np.array([sum(self.t.unit_bytes[u]) for u in o.profile.layers], dtype=np.float64)
         cum_w = np.concatenate([[0.0], np.cumsum(layer_w)])
         weights = fixed + cum_w[None, :] - cum_w[:, None]
-        usable = o.cluster.usable_bytes(o.gpus.index(gpu))
+        usable = o.cluster.usable_bytes(o.kind_of.index(kind))
         return weights + peak <= usable
 
     # --- the programme ---------------------------------------------------------------------
     def solve(self) -> tuple[float, list | None]:
-        L, k = self.L, self.k
-        gpus = self.o.gpus
-        steps = {g: self.step_costs(g) for g in dict.fromkeys(gpus)}
-        V = np.full((8, L + 1), np.inf)  # [roles placed, layers placed]
-        V[0, k] = 0.0
-        back = []  # per GPU: {(placed, b): (previous placed, a, roles here)}
-        pipeline = self.o.space.rules.first_and_last
-        for i, g in enumerate(gpus):
-            new = V.copy()  # the GPU unused
-            if pipeline:  # a pipeline starts at GPU 0 and has no gap: unused only once the head is placed
-                new[[p for p in range(8) if not p & HEAD_ROLE]] = np.inf
-            choice = {}
-            for placed in range(8):
-                if not np.isfinite(V[placed]).any():
-                    continue
-                if pipeline and placed & HEAD_ROLE:
-                    continue  # the head's GPU was the last stage
-                for R, M in steps[g].items():
-                    if R & placed:
-                        continue
-                    if pipeline and i == 0 and R & (MAIN_ROLE | EMBED_ROLE) != MAIN_ROLE | EMBED_ROLE:
-                        continue  # the first stage holds the root and the embedding group
-                    if not placed & MAIN_ROLE and not R & MAIN_ROLE:
-                        continue  # the first GPU used is the main GPU
-                    if placed & MAIN_ROLE and R & MAIN_ROLE:
-                        continue
-                    if self.off.proj != "gpu" and R & EMBED_ROLE and i != 0:
-                        continue  # an offloaded vision_proj runs on GPU 0: its join partner must be there
-                    total = V[placed][:, None] + M
-                    a_best = total.argmin(axis=0)
-                    val = total[a_best, np.arange(L + 1)]
-                    to = placed | R
-                    better = val < new[to]
-                    for bb in np.nonzero(better)[0]:
-                        choice[(to, int(bb))] = (placed, int(a_best[bb]), R)
-                    new[to] = np.where(better, val, new[to])
-            back.append(choice)
-            V = new
-        best = float(V[ALL_ROLES, L])
-        if not math.isfinite(best):
+        """Walk the GPUs node by node. A state is (roles placed, roles of this node, whether a GPU
+        of this node holds layers yet), with seconds by layers placed. Entering a node chooses the
+        roles it will hold, which refunds the moves between them down to the node's link; leaving
+        it requires them placed. On one node its roles are all of them and nothing changes link."""
+        o, L, k = self.o, self.L, self.k
+        merged = {0: np.full(L + 1, np.inf)}  # roles placed -> seconds by layers placed, between two nodes
+        merged[0][k] = 0.0
+        exits, back = [], []  # per node: where each merged state came from; per GPU: {(state, b): (state, a, R)}
+        for j, members in enumerate(o.nodes):
+            li = o.node_link[j]
+            V = {}
+            for placed, vec in merged.items():
+                free = ALL_ROLES & ~placed
+                for C in [free] if j == len(o.nodes) - 1 else [c for c in range(8) if not c & placed]:
+                    # no GPU before the first node holds layers: its first run pays no move into it
+                    V[(placed, C, j == 0)] = vec - (self.pair_refund(o.network_link, C) - self.pair_refund(li, C))
+            for i in members:
+                V, choice = self._gpu(i, li, V)
+                back.append(choice)
+            merged, came = {}, {}
+            for key, vec in V.items():
+                placed, C, _ = key
+                if C & ~placed:
+                    continue  # a role promised to this node is not in it
+                if placed not in merged:
+                    merged[placed], came[placed] = vec, ([key], np.zeros(L + 1, dtype=int))
+                else:
+                    keys, idx = came[placed]
+                    better = vec < merged[placed]
+                    merged[placed] = np.where(better, vec, merged[placed])
+                    idx[better] = len(keys)
+                    keys.append(key)
+            exits.append(came)
+        if ALL_ROLES not in merged or not math.isfinite(merged[ALL_ROLES][L]):
             return math.inf, None
-        walk = [(0, 0)] * len(gpus)
-        placed, b = ALL_ROLES, L
-        for i in range(len(gpus) - 1, -1, -1):
-            hit = back[i].get((placed, b))
-            if hit is None:
-                continue  # unused GPU
-            prev, a, R = hit
-            walk[i] = (b - a, R)
-            placed, b = prev, a
-        return self.const + best, walk
+        return self.const + float(merged[ALL_ROLES][L]), self._walk(exits, back)
+
+    def _gpu(self, i: int, li: int, V: dict) -> tuple[dict, dict]:
+        """One GPU's step: each state either skips it or puts a role set and a run of layers on it."""
+        o, L = self.o, self.L
+        kind, pipeline, net = o.kind_of[i], o.space.rules.first_and_last, o.network_link
+        steps = self.step_costs(kind, li)
+        # the GPU unused (a pipeline has no gap: unused only once the head's GPU, the last stage, is placed)
+        new = {key: vec for key, vec in V.items() if not pipeline or key[0] & HEAD_ROLE}
+        choice = {}
+
+        def relax(to, frm, vec, M, R):
+            rows = np.flatnonzero(np.isfinite(vec))
+            total = vec[rows, None] + M[rows]
+            pick = total.argmin(axis=0)
+            val = total[pick, np.arange(L + 1)]
+            cur = new.get(to)
+            better = np.isfinite(val) if cur is None else val < cur
+            if better.any():
+                new[to] = val if cur is None else np.where(better, val, cur)
+                a_best = rows[pick]
+                for bb in np.flatnonzero(better):
+                    choice[(to, int(bb))] = (frm, int(a_best[bb]), R)
+
+        for key, vec in V.items():
+            placed, C, f = key
+            if pipeline and placed & HEAD_ROLE:
+                continue  # the head's GPU was the last stage
+            owed = C & ~placed
+            for R in steps:
+                if R & ~owed:
+                    continue  # placed already, or promised to another node
+                if pipeline and i == 0 and R & (MAIN_ROLE | EMBED_ROLE) != MAIN_ROLE | EMBED_ROLE:
+                    continue  # the first stage holds the root and the embedding group
+                if not placed & MAIN_ROLE and not R & MAIN_ROLE:
+                    continue  # the first GPU used is the main GPU
+                if self.off.proj != "gpu" and R & EMBED_ROLE and i != 0:
+                    continue  # an offloaded vision_proj runs on GPU 0: its join partner must be there
+                to = placed | R
+                if f:  # the run follows layers of this node: its first move crosses the node's link
+                    relax((to, C, True), key, vec, self.run_costs(kind, li, R, C, li, True), R)
+                else:  # the run's first move comes from another node; an empty run leaves this state as it was
+                    relax((to, C, True), key, vec, self.run_costs(kind, li, R, C, net, False), R)
+                    relax((to, C, False), key, vec, self.empty_run_costs(kind, li, R), R)
+        return new, choice
+
+    def _walk(self, exits, back) -> list:
+        """Per GPU (layers held, roles held), read back from the best final state."""
+        o, L = self.o, self.L
+        walk = [(0, 0)] * len(o.gpus)
+        b = L
+        keys, idx = exits[-1][ALL_ROLES]
+        key = keys[idx[b]]
+        for j in range(len(o.nodes) - 1, -1, -1):
+            for i in reversed(o.nodes[j]):
+                hit = back[i].get((key, b))
+                if hit is None:
+                    continue  # unused GPU
+                key, a, R = hit
+                walk[i] = (b - a, R)
+                b = a
+            if j:
+                keys, idx = exits[j - 1][key[0]]
+                key = keys[idx[b]]
+        return walk
 
 
 def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency, free_move_kinds=()) -> float | None:
