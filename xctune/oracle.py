@@ -192,7 +192,7 @@ class _Programme:
         self.t, self.off = tables, off
         o = tables.o
         self.o, self.rec, self.L, self.k = o, tables.rec, o.L, off.layers
-        self._fit, self._steps, self._runs = {}, {}, {}  # per (GPU kind, ...): what identical GPUs share
+        self._need, self._fit, self._steps, self._runs = {}, {}, {}, {}  # what GPUs of one kind or link share
         self._roles()
         self._moves()
 
@@ -345,19 +345,21 @@ class _Programme:
         """[a, b]: does a GPU of this kind hold roles R and layers [a, b) within its usable memory?"""
         key = (kind, R)
         if key not in self._fit:
-            self._fit[key] = self._fits(kind, R)
+            self._fit[key] = self.need(R) <= self.o.cluster.usable_bytes(self.o.kind_of.index(kind))
         return self._fit[key]
 
-    def _fits(self, kind: int, R: int) -> np.ndarray:
+    def need(self, R: int) -> np.ndarray:
+        """[a, b]: the bytes a GPU holding roles R and layers [a, b) needs at its peak (any GPU kind)."""
+        if R in self._need:
+            return self._need[R]
         o, rec, L = self.o, self.rec, self.L
         here = (self.role & R) > 0  # holders on this GPU besides the run's layers
         extra = rec.transient + np.where(self.offloaded[rec.holder], rec.weight_chunk_max, 0.0)
         base = rec.live[:, here].sum(axis=1) + np.where(here[rec.holder], extra, 0.0)  # [C]
         cum_live = np.hstack([np.zeros((len(base), 1)), np.cumsum(rec.live[:, o.layer_hidx], axis=1)])  # [C, L+1]
         call_layer = self.layer[rec.holder]
-        own = np.zeros((len(base), L + 1))  # [C, x]: a call's transient counts where its layer is below x
-        for x in range(L + 1):
-            own[:, x] = np.where((call_layer >= 0) & (call_layer < x), extra, 0.0)
+        below = (call_layer[:, None] >= 0) & (call_layer[:, None] < np.arange(L + 1)[None, :])
+        own = np.where(below, extra[:, None], 0.0)  # [C, x]: a call's transient counts where its layer is below x
         at = cum_live + own  # [C, L+1]
         peak = (base[:, None, None] + at[:, None, :] - at[:, :, None]).max(axis=0)  # [a, b]
         fixed = 0
@@ -369,8 +371,8 @@ class _Programme:
         layer_w = np.array([sum(self.t.unit_bytes[u]) for u in o.profile.layers], dtype=np.float64)
         cum_w = np.concatenate([[0.0], np.cumsum(layer_w)])
         weights = fixed + cum_w[None, :] - cum_w[:, None]
-        usable = o.cluster.usable_bytes(o.kind_of.index(kind))
-        return weights + peak <= usable
+        self._need[R] = weights + peak
+        return self._need[R]
 
     # --- the programme ---------------------------------------------------------------------
     def solve(self) -> tuple[float, list | None]:
@@ -381,7 +383,7 @@ class _Programme:
         o, L, k = self.o, self.L, self.k
         merged = {0: np.full(L + 1, np.inf)}  # roles placed -> seconds by layers placed, between two nodes
         merged[0][k] = 0.0
-        exits, back = [], []  # per node: where each merged state came from; per GPU: {(state, b): (state, a, R)}
+        exits, back = [], []  # per node: where each merged state came from; per GPU: how each state was reached
         for j, members in enumerate(o.nodes):
             li = o.node_link[j]
             V = {}
@@ -418,20 +420,29 @@ class _Programme:
         steps = self.step_costs(kind, li)
         # the GPU unused (a pipeline has no gap: unused only once the head's GPU, the last stage, is placed)
         new = {key: vec for key, vec in V.items() if not pipeline or key[0] & HEAD_ROLE}
-        choice = {}
+        # choice[state]: (moves, move by b (-1: the GPU unused), a by b); moves[m] = (state before, R)
+        choice: dict = {}
+        cols = np.arange(L + 1)
 
         def relax(to, frm, vec, M, R):
-            rows = np.flatnonzero(np.isfinite(vec))
-            total = vec[rows, None] + M[rows]
+            finite = np.isfinite(vec)
+            if finite.all():
+                rows, total = cols, vec[:, None] + M
+            else:  # only the layer counts this state reaches can start the run
+                rows = np.flatnonzero(finite)
+                total = vec[rows, None] + M[rows]
             pick = total.argmin(axis=0)
-            val = total[pick, np.arange(L + 1)]
+            val = total[pick, cols]
             cur = new.get(to)
             better = np.isfinite(val) if cur is None else val < cur
             if better.any():
                 new[to] = val if cur is None else np.where(better, val, cur)
-                a_best = rows[pick]
-                for bb in np.flatnonzero(better):
-                    choice[(to, int(bb))] = (frm, int(a_best[bb]), R)
+                if to not in choice:
+                    choice[to] = ([], np.full(L + 1, -1), np.zeros(L + 1, dtype=int))
+                moves, move, a = choice[to]
+                move[better] = len(moves)
+                a[better] = rows[pick[better]]
+                moves.append((frm, R))
 
         for key, vec in V.items():
             placed, C, f = key
@@ -464,12 +475,13 @@ class _Programme:
         key = keys[idx[b]]
         for j in range(len(o.nodes) - 1, -1, -1):
             for i in reversed(o.nodes[j]):
-                hit = back[i].get((key, b))
-                if hit is None:
+                hit = back[i].get(key)
+                if hit is None or hit[1][b] < 0:
                     continue  # unused GPU
-                key, a, R = hit
-                walk[i] = (b - a, R)
-                b = a
+                moves, move, a = hit
+                key, R = moves[move[b]]
+                walk[i] = (b - a[b], R)
+                b = int(a[b])
             if j:
                 keys, idx = exits[j - 1][key[0]]
                 key = keys[idx[b]]
