@@ -127,7 +127,9 @@ def from_dict(data: dict, name: str, source: str = "") -> HFConfig:
     from .recipes import recipe_for
 
     cfg = HFConfig(name, canonical(data), source)
-    missing = [k for k in recipe_for(cfg).required if _lookup(data, k) is None]
+    # a text field may sit at the top (as published) or in text_config (as transformers 5 saves it)
+    missing = [k for k in recipe_for(cfg).required
+               if _lookup(data, k) is None and ("." in k or _lookup(data, f"text_config.{k}") is None)]
     if missing:
         raise BadInput(f"config of {name} ({model_type}) lacks {', '.join(missing)}")
     cfg.to_transformers()  # transformers' own validation, as one line
