@@ -35,9 +35,7 @@ class HFFamily(ModelFamily):
         return self.config.to_transformers()
 
     def model_class(self):
-        import transformers
-
-        return getattr(transformers, self.config.architecture)
+        return self.config.model_class()
 
     # --- structure ----------------------------------------------------------------------------
     def build_meta(self) -> nn.Module:
