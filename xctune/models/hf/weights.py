@@ -45,7 +45,7 @@ def load_weights(family, path: Path) -> torch.nn.Module:
         with quiet_transformers():
             model, info = family.model_class().from_pretrained(
                 path, config=tcfg, dtype=torch.float32, local_files_only=True, output_loading_info=True,
-                use_safetensors=None,
+                ignore_mismatched_sizes=True,  # reported below, in one line, instead of transformers' report
             )
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise BadInput(f"cannot load the weights in {path}: {_first_line(e)}") from None
@@ -58,8 +58,12 @@ def load_weights(family, path: Path) -> torch.nn.Module:
     problems = [(what, names) for what, names in problems if names]
     if problems:
         what, names = problems[0]
-        raise BadInput(f"{path}: {len(names)} weight(s) {what}, e.g. {_name(names[0])!r}: the weights do not fit "
-                       f"config.json")
+        example = names[0]
+        if isinstance(example, (list, tuple)) and len(example) == 3:  # (name, checkpoint shape, model shape)
+            example = f"{example[0]!r} ({list(example[1])} in the checkpoint, {list(example[2])} by config.json)"
+        else:
+            example = repr(example)
+        raise BadInput(f"{path}: {len(names)} weight(s) {what}, e.g. {example}: the weights do not fit config.json")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -97,10 +101,6 @@ def weight_names(path: Path) -> list[str]:
 
     with safe_open(path / "model.safetensors", "pt") as f:
         return sorted(f.keys())
-
-
-def _name(x) -> str:
-    return x if isinstance(x, str) else str(x[0]) if isinstance(x, (list, tuple)) and x else str(x)
 
 
 def _first_line(e: BaseException) -> str:
