@@ -424,6 +424,7 @@ def summary(result) -> str:
                      "flight is a max over stages, not the sum the dynamic programme minimises)")
     if result.optimum is not None and result.optimum.plan is not None:
         gap = best["e2e_ms"] / result.optimum.e2e_ms - 1
+        gap = 0.0 if abs(gap) < 5e-5 else gap  # float sums in another order: not "-0.00%"
         lines.append(f"exact optimum of the cost model: {result.optimum.e2e_ms:.1f} ms "
                      f"({layout(result.optimum.plan, result.profile)}, {result.optimum.plan.dtype_label}); "
                      f"best trial is {gap:+.2%} from it")

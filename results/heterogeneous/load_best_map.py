@@ -1,4 +1,4 @@
-"""Load the best map the fast way (written by xctune search).
+"""Load the best map the fast way (written by xctune).
 
 A bare `from_pretrained(device_map=...)` under transformers 5 does not skip the KV cache when
 it moves outputs between GPUs (the remote code's skip keys arrive as a set of letters): the

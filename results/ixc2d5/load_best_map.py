@@ -1,4 +1,4 @@
-"""Load the best map the fast way (written by xctune search).
+"""Load the best map the fast way (written by xctune).
 
 A bare `from_pretrained(device_map=...)` under transformers 5 does not skip the KV cache when
 it moves outputs between GPUs (the remote code's skip keys arrive as a set of letters): the
@@ -15,5 +15,5 @@ model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torc
 hook = getattr(model, "_hf_hook", None)
 if hook is not None:  # the root hook sends outputs back to the first GPU: not the cache
     hook.skip_keys = ["past_key_values", "cache"]
-# The plan mixes precisions (bf16/bf16/fp16): cast each group as best_plan.json says,
-# e.g. model.vit.to(torch.bfloat16); xctune's placement adds the casts between groups.
+# The plan mixes precisions (fp16/bf16/bf16): cast each group as best_plan.json says,
+# e.g. model.vit.to(torch.float16); xctune's placement adds the casts between groups.

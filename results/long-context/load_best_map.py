@@ -1,4 +1,4 @@
-"""Load the best map the fast way (written by xctune search).
+"""Load the best map the fast way (written by xctune).
 
 A bare `from_pretrained(device_map=...)` under transformers 5 does not skip the KV cache when
 it moves outputs between GPUs (the remote code's skip keys arrive as a set of letters): the
@@ -9,7 +9,7 @@ import json
 import torch
 from transformers import AutoModel
 
-PATH = "internlm/internlm-xcomposer2-vl-7b"  # your checkpoint
+PATH = "internlm/internlm-xcomposer2-4khd-7b"  # your checkpoint
 device_map = json.load(open("best_map.json"))
 model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype=torch.float16, device_map=device_map).eval()
 hook = getattr(model, "_hf_hook", None)

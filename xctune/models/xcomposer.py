@@ -331,7 +331,9 @@ class XComposer(nn.Module):
         text = self.model.tok_embeddings(input_ids)
         B = input_ids.shape[0]
         img = image_embeds.reshape(B, -1, image_embeds.shape[-1])
-        embeds = torch.cat([text[:, :image_at], img, text[:, image_at:]], dim=1)
+        # The authors' chat code hands the joined embeddings to generate() on `self.device` (the
+        # first parameter's: the GN vector of 4KHD / 2.5, which accelerate keeps on the main GPU).
+        embeds = torch.cat([text[:, :image_at], img, text[:, image_at:]], dim=1).to(self.device)
         n_img, n_text = img.shape[1], text.shape[1]
         im_mask = torch.cat(
             [
