@@ -120,6 +120,17 @@ def test_a_map_gpus_refuse_is_a_measured_failure_and_the_next_trial_runs(checkpo
     assert ex.run(Plan.uniform(split_map(spec.profile))).ok
 
 
+def test_a_tied_head_in_another_precision_than_its_embeddings(checkpoints):
+    """One tensor, two precision groups: it takes the head's dtype in both worlds (the last cast wins)."""
+    path, _ = checkpoints["paligemma-3b"]
+    spec = resolve_model(str(path))
+    ex = HostExecutor(spec, W, repeats=1, warmup=0, budget=make_cluster(BUDGET))
+    plan = Plan(split_map(spec.profile), {"vision": "bf16", "lm": "bf16", "head": "fp32"})
+    measured = ex.run(plan)
+    _agree(measured, simulate(spec.profile, plan, W, make_cluster("2x1GiB")))
+    assert 0 < measured.fidelity_max_abs < 1
+
+
 def _plan_file(tmp_path: Path, profile, **kw) -> str:
     f = tmp_path / "map.json"
     f.write_text(json.dumps(split_map(profile, **kw)))

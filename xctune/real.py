@@ -120,6 +120,10 @@ class MasterWeights:
         model = profile.family.build_meta()
         used = set()
         tied: dict[int, tuple] = {}  # id of a meta parameter -> (it, kept alive; its real one): ties stay ties
+        # a tied tensor takes the dtype of its last unit, as the dry run's casts leave it (build.cast_units)
+        order = {u.name: i for i, u in enumerate(profile.units)}
+        dtype_unit = {n: max((profile.unit_of(m) for m in group), key=lambda u: order.get(u, -1))
+                      for group in profile.tied for n in group}
         for mod_name, module in model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             for kind in ("_parameters", "_buffers"):
@@ -131,7 +135,7 @@ class MasterWeights:
                         continue
                     full = prefix + name
                     unit = profile.unit_of(full)
-                    dtype = DTYPES[plan.dtypes[profile.group_of(unit)]]
+                    dtype = DTYPES[plan.dtypes[profile.group_of(dtype_unit.get(full, unit))]]
                     place = res.param_device.get(full)
                     if place is None:  # buffers stay with their unit's execution device
                         place = next((d for p, d in res.param_device.items() if profile.unit_of(p) == unit), main)
