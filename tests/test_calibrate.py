@@ -142,9 +142,17 @@ def test_bad_calibration_files(tmp_path):
 
 def test_a_real_study_leans_on_the_twin_only_where_it_ranked_well(tmp_path):
     path = tmp_path / "cal.json"
+    held_out = {ph: {"mean_abs_pct": 6.0} for ph in ("vision", "prefill", "decode")}
     for twin, ceiling, trusted in ((0.79, 0.83, True), (0.6, 0.83, False), (0.85, 0.95, True), (0.78, 0.85, True),
                                    (0.79, 0.92, False), (0.4, 0.45, False)):
-        path.write_text(json.dumps({"agreement": {"tau_twin": twin, "tau_ceiling": ceiling, "n_plans": 18}}))
+        path.write_text(json.dumps({"agreement": {"tau_twin": twin, "tau_ceiling": ceiling, "n_plans": 18},
+                                    "held_out_error_pct": held_out}))
         ok, why = twin_trust(str(path))
         assert ok == trusted and f"{twin:.2f}" in why, (twin, ceiling)
+    # ranks alone are not enough: a phase over the held-out target, or none recorded, and it is not leaned on
+    for errors, named in (({**held_out, "vision": {"mean_abs_pct": 12.9}}, "vision 12.9%"), ({}, "none recorded")):
+        path.write_text(json.dumps({"agreement": {"tau_twin": 0.84, "tau_ceiling": 0.82, "n_plans": 18},
+                                    "held_out_error_pct": errors}))
+        ok, why = twin_trust(str(path))
+        assert not ok and named in why and "over 10%" in why
     assert twin_trust(None) == (False, "no calibration: the twin prices this host at default factors")

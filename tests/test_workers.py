@@ -181,3 +181,40 @@ def test_ctrl_c_exits_130_in_one_line_and_writes_the_finished_trials(tmp_path):
     assert main(WORKER[2:] + common[:-1] + ["0"]) == 0
     study = optuna.load_study(study_name="default", storage=f"sqlite:///{out / 'study.db'}")
     assert not [t for t in study.trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(storage, tmp_path):
+    """Optuna never judges a RUNNING trial without a heartbeat; the worker's sweep fails it and queues it again."""
+    import datetime
+
+    from optuna.distributions import FloatDistribution
+
+    from xctune.storage import Liveness, never_beaten, open_storage
+    from xctune.worker import Worker
+
+    liveness = Liveness(1, 2)
+    name = f"never-beaten-{tmp_path.name}"  # one PostgreSQL server serves every test of the session
+    storage = open_storage(storage, liveness)
+    study = optuna.create_study(study_name=name, storage=storage)
+    study_id = storage.get_study_id_from_name(name)
+    x = FloatDistribution(0.0, 1.0)
+
+    def running_since(seconds_ago: float) -> int:
+        start = datetime.datetime.now() - datetime.timedelta(seconds=seconds_ago)
+        frozen = optuna.trial.FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=start,
+                                          datetime_complete=None, params={"x": 0.25}, distributions={"x": x},
+                                          user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1)
+        return storage.create_new_trial(study_id, template_trial=frozen)
+
+    dead = running_since(3600)  # taken an hour ago, never a heartbeat: its worker died in between
+    young = running_since(0)  # just taken: its first heartbeat may still be on its way
+    assert never_beaten(storage, study_id, liveness.grace) == [dead]
+    storage.record_heartbeat(young)
+    storage.set_trial_state_values(young, state=TrialState.COMPLETE, values=[1.0])
+
+    seen = []
+    tally = Worker(study, storage, lambda t: seen.append(t.suggest_float("x", 0.0, 1.0)) or 0.0, liveness).run(quota=0)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[2].params == {"x": 0.25} and seen == [0.25]  # the same plan, run again once
+    assert tally.queued == 1 and tally.sampled == 0

@@ -63,6 +63,8 @@ STALE_BOUND = 0.20  # the probe's phases may drift apart by this much (relative)
 # least TAU_QUIET where that ceiling reaches 0.9, and never under TAU_FLOOR (a twin that barely
 # ranks is not leaned on, even on a machine too noisy to rank itself)
 TAU_MARGIN, TAU_QUIET, TAU_FLOOR = 0.1, 0.8, 0.5
+# ... and where its held-out error met the target in every phase (mean absolute error, percent)
+HELD_OUT_TARGET_PCT = 10.0
 # The fitted factors, in the order of the feature columns (seconds per unit of each feature)
 FACTORS = (
     *(f"roofline_{d}" for d in ("fp32", "bf16", "fp16")),
@@ -638,8 +640,9 @@ def twin_cluster(budgets: Cluster, calibration: str | None) -> Cluster:
 
 def twin_trust(calibration: str | None, spec: ModelSpec | None = None, threads: int = 1) -> tuple[bool, str]:
     """Whether a real study may seed from the twin, and why (not): a calibration must exist, its
-    rank agreement must meet the target (TAU_MARGIN, TAU_QUIET, TAU_FLOOR), and (with `spec`) the
-    probe must say the calibration is not stale."""
+    rank agreement must meet the target (TAU_MARGIN, TAU_QUIET, TAU_FLOOR), its held-out error
+    must be within HELD_OUT_TARGET_PCT in every phase, and (with `spec`) the probe must say the
+    calibration is not stale."""
     if not calibration:
         return False, "no calibration: the twin prices this host at default factors"
     data = _read(calibration)
@@ -650,6 +653,11 @@ def twin_trust(calibration: str | None, spec: ModelSpec | None = None, threads: 
     said = f"the twin ranked {a['n_plans']} measured plans at Kendall tau {twin:.2f} (the measurement itself: {ceiling:.2f})"
     if not (ceiling - twin <= TAU_MARGIN and twin >= TAU_FLOOR and (ceiling < 0.9 or twin >= TAU_QUIET)):
         return False, said + f": under the target (within {TAU_MARGIN} of it, >= {TAU_QUIET} where it reaches 0.9, >= {TAU_FLOOR})"
+    held_out = data.get("held_out_error_pct") or {}
+    missed = {ph: e["mean_abs_pct"] for ph, e in held_out.items() if e["mean_abs_pct"] > HELD_OUT_TARGET_PCT}
+    if not held_out or missed:
+        errors = ", ".join(f"{ph} {pct:.1f}%" for ph, pct in missed.items()) or "none recorded"
+        return False, said + f", but its held-out error is over {HELD_OUT_TARGET_PCT:.0f}% ({errors})"
     if spec is not None:
         st = staleness(data, probe(spec, threads=threads))
         if st.stale:

@@ -13,7 +13,9 @@ What that takes with today's Optuna 5 / SQLAlchemy 2:
   to a minute for the lock. PostgreSQL locks the row itself (`SELECT ... FOR UPDATE`).
 - heartbeats: a running trial records a heartbeat every `heartbeat` seconds; a trial silent for
   `grace` seconds (its process died) is failed and re-queued by the next worker that looks
-  (Optuna's `fail_stale_trials` with `RetryFailedTrialCallback`).
+  (Optuna's `fail_stale_trials` with `RetryFailedTrialCallback`). Optuna skips a RUNNING trial
+  that never recorded a heartbeat (its worker died between taking it and the first beat):
+  `never_beaten` finds those, by their start time, for the worker to fail and re-queue too.
 
 Storage URLs may carry a password: `mask_url` is what every message and file shows instead.
 """
@@ -146,3 +148,30 @@ def _retry_races(url: str, attempts: int, make):
                                f"(PostgreSQL: pip install 'xctune[postgres]')") from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BadInput(f"cannot use storage {mask_url(url)}: {mask_secrets(first, url)[:300]}") from None
+
+
+def never_beaten(storage, study_id: int, older_than_s: float) -> list[int]:
+    """RUNNING trials of a study with no heartbeat at all, started more than `older_than_s` ago.
+
+    A live worker records its trial's first heartbeat within milliseconds of taking it, so such a
+    trial lost its worker. Optuna keeps each trial's heartbeat in its own table, which its public
+    API does not expose; this reads it the way Optuna's own stale-trial query does. Start times
+    are the workers' clocks (Optuna writes `datetime_start` in Python): across machines, the grace
+    period must cover their skew."""
+    import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import orm
+
+    if not hasattr(storage, "scoped_session"):
+        return []  # not an RDB storage (an in-memory study has one process: nothing dies unseen)
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=older_than_s)
+    with _create_scoped_session(storage.scoped_session) as session:
+        running = (session.query(models.TrialModel)
+                   .options(orm.selectinload(models.TrialModel.heartbeats))
+                   .filter(models.TrialModel.state == TrialState.RUNNING, models.TrialModel.study_id == study_id)
+                   .all())
+        return [t.trial_id for t in running
+                if not t.heartbeats and t.datetime_start is not None and t.datetime_start < cutoff]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from .storage import Liveness
+from .storage import Liveness, never_beaten
 
 
 def worker_id() -> str:
@@ -119,6 +119,13 @@ class Worker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental
             optuna.storages.fail_stale_trials(self.study)
+        # ... and trials whose worker died before their first heartbeat, which Optuna never judges
+        for trial_id in never_beaten(self.storage, self.study_id, self.liveness.grace):
+            try:
+                if self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    _requeue(self.study, self.storage.get_trial(trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker got there first
 
     def _claim_queued(self) -> optuna.Trial | None:
         for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,)):
