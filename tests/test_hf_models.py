@@ -119,6 +119,28 @@ def test_paligemma_embeddings_must_be_on_the_main_gpu(twins):
     assert not run.ok and run.failure.op == "index" and "indices" in run.failure.message
 
 
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_a_wrong_map_of_each_preset_fails_with_the_device_error_and_its_module(name):
+    """What real GPUs refuse: a tied head away from its embeddings (PaliGemma, Gemma 3: every such map), and,
+    for every class whose decoder layer adds its residual after attention without a norm in between, the
+    attention of a layer split from its residual stream (why accelerate never splits a decoder layer)."""
+    p = profile_of(twin(get_preset(name)))
+    if p.tied:
+        wrong, where = _map(p, **{p.head[-1]: 1}), p.embeddings
+    else:
+        layer = p.layers[0]
+        children = [n for n, _ in p.family.build_meta().get_submodule(layer).named_children()]
+        attention = next(c for c in children if "attn" in c)
+        wrong = {u: 0 for u in p.by_name if u != layer} | {f"{layer}.{c}": 0 for c in children}
+        wrong[f"{layer}.{attention}"] = 1
+        where = layer
+    run = virtual_run(p, Plan.uniform(wrong), Workload(prompt_tokens=6, new_tokens=2))
+    assert not run.ok and run.failure.kind == "device-mismatch", (name, run.failure)
+    text = run.failure.describe()
+    assert "Expected all tensors to be on the same device" in text and "cuda:1" in text
+    assert f"(in {where}, op" in text, text
+
+
 def test_check_cli_on_a_config_directory(tmp_path, capsys):
     cfg = twin(get_preset("paligemma-3b"))
     d = tmp_path / "pali"

@@ -34,7 +34,7 @@ from .profile import DTYPES, unit_torch_dtypes
 from .record import Spread, TrialRecord
 from .simulate import dev, failed_record, record_header
 from .virtual import quiet_accelerate, virtual_run
-from .workload import Workload, generate, make_inputs
+from .workload import Workload, no_clock
 
 
 def host_ram_bytes() -> int:
@@ -91,7 +91,9 @@ class MasterWeights:
 
     def __init__(self, master: torch.nn.Module):
         self.master = master
-        self.tensors = {**dict(master.named_parameters()), **dict(master.named_buffers())}
+        # every name, tied ones included (a head tied to the embeddings is one tensor under two names)
+        self.tensors = {**dict(master.named_parameters(remove_duplicate=False)),
+                        **dict(master.named_buffers(remove_duplicate=False))}
         self.cache: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
         self.bytes_copied = 0
 
@@ -117,15 +119,23 @@ class MasterWeights:
         main = main_location(plan.device_map)
         model = profile.family.build_meta()
         used = set()
+        tied: dict[int, tuple] = {}  # id of a meta parameter -> (it, kept alive; its real one): ties stay ties
+        # a tied tensor takes the dtype of its last unit, as the dry run's casts leave it (build.cast_units)
+        order = {u.name: i for i, u in enumerate(profile.units)}
+        dtype_unit = {n: max((profile.unit_of(m) for m in group), key=lambda u: order.get(u, -1))
+                      for group in profile.tied for n in group}
         for mod_name, module in model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             for kind in ("_parameters", "_buffers"):
                 for name, t in list(getattr(module, kind).items()):
                     if t is None:
                         continue
+                    if kind == "_parameters" and id(t) in tied:
+                        module._parameters[name] = tied[id(t)][1]
+                        continue
                     full = prefix + name
                     unit = profile.unit_of(full)
-                    dtype = DTYPES[plan.dtypes[profile.group_of(unit)]]
+                    dtype = DTYPES[plan.dtypes[profile.group_of(dtype_unit.get(full, unit))]]
                     place = res.param_device.get(full)
                     if place is None:  # buffers stay with their unit's execution device
                         place = next((d for p, d in res.param_device.items() if profile.unit_of(p) == unit), main)
@@ -134,7 +144,9 @@ class MasterWeights:
                     tensor = self._get(full, dtype, device)
                     used.add((full, tensor.dtype, device))
                     if kind == "_parameters":
+                        # the first name of a tied group places it, as the dry run does (vdevice.materialize)
                         module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+                        tied[id(t)] = (t, module._parameters[name])
                     else:
                         module._buffers[name] = tensor
         self.cache = {k: v for k, v in self.cache.items() if k in used}
@@ -211,14 +223,23 @@ class HostExecutor:
         self.master = MasterWeights(self.spec.load_master(self.seed))
         self._reference = None
 
+    # --- the model family's own workload -------------------------------------------------------
+    def inputs(self, device):
+        """The workload's inputs (synthetic, seeded), on `device`."""
+        return self.profile.family.make_inputs(self.workload, device)
+
+    def generate(self, model, inputs, clock=no_clock):
+        """The workload run for real by the family's generate loop (phases under `clock`)."""
+        return self.profile.family.generate(model, inputs, self.workload, clock)
+
     # --- the fp32 single-device reference ----------------------------------------------------
     def reference(self):
         if self._reference is None:
             device = "cuda:0" if self.world.n_cuda else "cpu"
             model = self.master.master.to(device)
-            inputs = make_inputs(self.profile.config, self.workload, device)
+            inputs = self.inputs(device)
             with torch_threads(self.threads):
-                out = generate(model, inputs, self.workload.new_tokens, layout=self.workload.hd_layout)
+                out = self.generate(model, inputs)
             self._reference = (out.tokens.cpu(), out.last_logits.float().cpu())
             self.master.master.to("cpu")
         return self._reference
@@ -298,7 +319,7 @@ class HostExecutor:
                     collapsed=collapsed,
                 )
                 placement_ms = (time.perf_counter() - t0) * 1e3
-                prepared = Prepared(plan, label, placed, make_inputs(self.profile.config, self.workload, placed.physical_main),
+                prepared = Prepared(plan, label, placed, self.inputs(placed.physical_main),
                                     placed.physical_main.startswith("cuda") and not collapsed, devices, placement_ms, {})
                 failure = self._count(prepared)
             if failure is not None:
@@ -350,29 +371,33 @@ class HostExecutor:
         else:
             p.placed.counting(False)
         with counting:
-            out = generate(model, p.inputs, w.new_tokens, Clock(False, tracker), w.hd_layout)
+            out = self.generate(model, p.inputs, Clock(False, tracker))
         if p.cuda:
             torch.cuda.synchronize()
         transfer_ms = sum(tracker.timer.milliseconds().values()) if p.cuda else None
         tracker.timer = MoveTimer()
-        for op, locs, _ in rec.joins:
+        # Where logical devices share one physical device, a model's own `x.to(y.device)` is a no-op the
+        # tags cannot follow (transformers' classes move image features to the embeddings' device that
+        # way), so a join seen here may be one the model aligns itself: the dry run on virtual GPUs has
+        # judged the plan already (prepare). On separate devices a join is what the GPUs saw.
+        joins = [] if tracker.collapsed else rec.joins
+        for op, locs, _ in joins:
             if len({loc for loc in locs}) > 1:
                 names = " and ".join(dev(x) for x in locs)
                 return failed_record(plan, self.profile, w, "measured", "invalid",
                                      f"Expected all tensors to be on the same device, but found at least two devices, "
                                      f"{names}! (top-level {op})", p.devices, p.label)
         kv = {}
-        for k, v in out.past_key_values:
-            for t in (k, v):
-                key = dev(tracker.location(t))
-                kv[key] = kv.get(key, 0) + t.numel() * t.element_size()
+        for t in self.profile.family.kv_tensors(out.past_key_values):
+            key = dev(tracker.location(t))
+            kv[key] = kv.get(key, 0) + t.numel() * t.element_size()
         tracker.recording = False
         p.placed.counting(False)
         if p.cuda:
             for i in plan.gpus:
                 torch.cuda.reset_peak_memory_stats(i)
         for _ in range(self.warmup):
-            out = generate(model, p.inputs, w.new_tokens, layout=w.hd_layout)
+            out = self.generate(model, p.inputs)
         if p.cuda:
             torch.cuda.synchronize()
             peak = {dev(i): torch.cuda.max_memory_allocated(i) for i in plan.gpus}
@@ -385,10 +410,9 @@ class HostExecutor:
 
     def time_once(self, p: Prepared) -> None:
         """One timed run of the workload, counters off: phases and end to end by the executor's clock."""
-        w = self.workload
         clock = Clock(p.cuda, cpu_time=self.clock_for(p.cuda) == "process-cpu")
         t0 = clock.now()
-        p.counted["out"] = generate(p.placed.model, p.inputs, w.new_tokens, clock, w.hd_layout)
+        p.counted["out"] = self.generate(p.placed.model, p.inputs, clock)
         if p.cuda:
             torch.cuda.synchronize()
         p.samples["e2e"].append((clock.now() - t0) * 1e3)
@@ -486,12 +510,11 @@ def overhead_ratios(executor: HostExecutor, plan: Plan, rounds: int) -> dict[str
 
     if plan.mixed:
         raise BadInput("the overhead comparison takes a plan in one precision (accelerate alone does not cast between groups)")
-    w = executor.workload
     plain = executor.master.master.eval()
     accelerated = executor.master.model_for(plan, executor.profile, lambda loc: "cpu")
     dispatch_model(accelerated, {k: "cpu" for k in plan.device_map}, main_device="cpu",
                    skip_keys=list(plan.skip_keys), force_hooks=True)
-    inputs = make_inputs(executor.profile.config, w, "cpu")
+    inputs = executor.inputs("cpu")
     prepared = executor.prepare(plan)
     if not isinstance(prepared, Prepared):
         undispatch(accelerated)
@@ -499,7 +522,7 @@ def overhead_ratios(executor: HostExecutor, plan: Plan, rounds: int) -> dict[str
 
     def timed(model):
         clock = Clock(False, cpu_time=executor.clock_for(False) == "process-cpu")
-        generate(model, inputs, w.new_tokens, clock, w.hd_layout)
+        executor.generate(model, inputs, clock)
         s = clock.finish()
         return {p: sum(s.get(p, [0.0])) for p in ("vision", "prefill")} | {"decode": statistics.fmean(s["decode"])}
 

@@ -33,9 +33,14 @@ class Failure:
     message: str  # one line, devices named as users see them (cuda:N)
     unit: str  # the placement unit (or "top level") where it happened
     op: str  # the aten op that raised
+    module: str = ""  # the innermost module whose forward was running ("" for the model's own top-level code)
 
     def describe(self) -> str:
-        where = "top-level code" if self.unit in ("", ROOT) else self.unit
+        where = self.unit
+        if where in ("", ROOT, "top level"):
+            # outside every placement unit, e.g. a decoder layer whose submodules the map splits: name the
+            # module whose own code raised
+            where = self.module or "top-level code"
         return f"{self.message} (in {where}, op {self.op})"
 
 
@@ -57,7 +62,40 @@ class VirtualRun:
         return self.failure is None
 
 
-def _failure(exc: BaseException, tracker: Tracker | None, rec: OpRecorder | None) -> Failure:
+class ModuleStack:
+    """The names of the modules whose forward is running, innermost last. A forward that raises never
+    returns, so after a failure the innermost name is where it happened."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules() if n}
+        self.stack: list[str] = []
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._hooks = (register_module_forward_pre_hook(self._enter), register_module_forward_hook(self._exit))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+    def _enter(self, module, args):
+        name = self.names.get(id(module))
+        if name is not None:
+            self.stack.append(name)
+
+    def _exit(self, module, args, output):
+        name = self.names.get(id(module))
+        if name in self.stack:  # also drops what a forward that raised, caught by the model, left behind
+            del self.stack[len(self.stack) - 1 - self.stack[::-1].index(name):]
+
+    @property
+    def innermost(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+
+def _failure(exc: BaseException, tracker: Tracker | None, rec: OpRecorder | None, modules: ModuleStack | None = None) -> Failure:
     msg = vdevice.translate(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     if isinstance(exc, FakeTensorDeviceMismatchError) or "Expected all tensors to be on the same device" in msg:
         kind = "device-mismatch"
@@ -66,7 +104,8 @@ def _failure(exc: BaseException, tracker: Tracker | None, rec: OpRecorder | None
     else:
         kind = "error"
     unit = tracker.current[0] if tracker is not None else ""
-    return Failure(kind, msg, unit or "top level", rec.last_op if rec is not None else "")
+    return Failure(kind, msg, unit or "top level", rec.last_op if rec is not None else "",
+                   modules.innermost if modules is not None else "")
 
 
 @contextlib.contextmanager
@@ -102,7 +141,7 @@ def virtual_run(
     dmap = physical_map or plan.device_map
     build_plan = Plan(dmap, plan.dtypes, plan.skip_keys)
     run = VirtualRun(plan, workload, None)
-    tracker = rec = None
+    tracker = rec = modules = None
     t0 = time.perf_counter()
     try:
         with quiet_accelerate(), fake_friendly_accelerate():
@@ -123,14 +162,15 @@ def virtual_run(
             rec = OpRecorder(tracker, guard_meta_copies=True, parameters=list(model.named_parameters()))
             shadows = RealShadows()
             metadata = fake_metadata(shadows) if real_metadata else contextlib.nullcontext()
-            with mode, metadata, rec, FusedAttention(rec), torch.no_grad():
+            modules = ModuleStack(model)
+            with mode, metadata, rec, FusedAttention(rec), modules, torch.no_grad():
                 kv = family.dry_steps(model, workload, tracker, placed.physical_main, shadows.fake_of)
                 for t in kv:
                     loc = tracker.location(t)
                     run.kv_bytes[loc] = run.kv_bytes.get(loc, 0) + t.numel() * t.element_size()
                 del kv
     except Exception as exc:  # a bad map is a result, not a crash
-        run.failure = _failure(exc, tracker, rec)
+        run.failure = _failure(exc, tracker, rec, modules)
     if tracker is not None:
         run.moves = tracker.moves
     if rec is not None:

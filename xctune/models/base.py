@@ -9,7 +9,9 @@ A model family (the embedded InternLM-XComposer, a transformers class, ...) answ
 - tied weights, the keys accelerate must not move (`skip_keys`), and the static co-location
   rule with its reason (dry runs say what is truly required: constraints.py);
 - how to build it on `meta` (for fake tensors) and with real weights;
-- how to make its inputs for a workload and run the dry-run steps (prefill, cached decode).
+- how to make its inputs for a workload and run the dry-run steps (prefill, cached decode);
+- for measured runs: how to read its weights from a checkpoint directory (as data) and run the
+  workload for real (the explicit generate loop, phases timed by the caller's clock).
 
 Nothing outside `xctune/models/` should need a family's module names: it asks the profile
 (profile.py) built from this description.
@@ -128,6 +130,20 @@ class ModelFamily(ABC):
 
     #: whether a fake run must keep real copies of its inputs to answer data-dependent ops
     uses_real_metadata: bool = False
+
+    @abstractmethod
+    def load_weights(self, path) -> nn.Module:
+        """Real weights from a checkpoint directory, fp32 on the CPU, read as data (no code of the
+        checkpoint runs); BadInput where the directory holds none or they do not fit the config."""
+
+    @abstractmethod
+    def generate(self, model: nn.Module, inputs, workload, clock):
+        """The real workload: prefill, then `workload.new_tokens - 1` cached greedy decode steps, each
+        under `clock(phase)` ("vision", "prefill", "decode"); returns a `workload.Generated`."""
+
+    def kv_tensors(self, past) -> list[torch.Tensor]:
+        """The KV-cache tensors of a `Generated.past_key_values` (to count their bytes per device)."""
+        return [t for kv in past for t in kv]
 
     @abstractmethod
     def dry_steps(self, model: nn.Module, workload, tracker, device, lift) -> list[torch.Tensor]:

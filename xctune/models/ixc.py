@@ -117,6 +117,16 @@ class IXCFamily(ModelFamily):
 
         return make_inputs(self.config, workload, device, fake=fake)
 
+    def load_weights(self, path) -> nn.Module:
+        from .loading import load_checkpoint
+
+        return load_checkpoint(path, self.config)
+
+    def generate(self, model, inputs, workload, clock):
+        from ..workload import generate
+
+        return generate(model, inputs, workload.new_tokens, clock, workload.hd_layout)
+
     def dry_steps(self, model, workload, tracker, device, lift=None):
         from ..workload import extend_cache, generate
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import BadInput
 from .checkpoint import UNUSED_WEIGHTS, identify, read_json, read_weights, weight_files
 from .config import PRESETS, XComposerConfig
-from .xcomposer import XComposer, init_weights
+from .xcomposer import XComposer
 
 XCTUNE_CONFIG = "xctune_config.json"
 
@@ -49,11 +49,14 @@ class ModelSpec:
                            "attention of its transformers config")
         return replace(self, config=replace(self.config, attn=attn))
 
-    def load_master(self, seed: int = 0) -> XComposer:
+    def load_master(self, seed: int = 0) -> torch.nn.Module:
         """Real weights on the CPU in fp32: from the checkpoint, else seeded random."""
+        from .families import family_of
+
+        family = family_of(self.config)
         if self.checkpoint is None:
-            return init_weights(XComposer(self.config), seed=seed).eval()
-        return load_checkpoint(self.checkpoint, self.config)
+            return family.build_host(seed)
+        return family.load_weights(self.checkpoint)
 
 
 # What the authors' modeling code declares for accelerate: a string, not a list.
@@ -98,15 +101,15 @@ def loading_path(name: str) -> LoadingPath:
 def resolve_model(spec: str, trust_remote_code: bool = False, attn: str | None = None) -> ModelSpec:
     if spec in PRESETS:
         return ModelSpec(spec, PRESETS[spec]).with_attention(attn)
+    from .hf.config import PRESET_NAMES as HF_PRESETS
     from .hf.config import resolve as resolve_transformers
 
     hf = resolve_transformers(spec, trust_remote_code)  # a transformers VLM: preset or config.json
     if hf is not None:
-        return ModelSpec(spec, hf, None, trust_remote_code)
+        # a directory is its checkpoint (weights optional: without them, dry runs only); a preset has random weights
+        return ModelSpec(spec, hf, Path(spec) if spec not in HF_PRESETS else None, trust_remote_code)
     path = Path(spec)
     if not path.is_dir():
-        from .hf.config import PRESET_NAMES as HF_PRESETS
-
         raise BadInput(
             f"unknown model {spec!r}: not a preset ({', '.join((*PRESETS, *HF_PRESETS))}) nor a checkpoint directory"
         )

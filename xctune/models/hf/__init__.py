@@ -7,7 +7,13 @@ __all__ = ["PRESET_NAMES", "HFConfig", "from_dict", "get_preset", "twin"]
 
 
 def twin(cfg: HFConfig) -> HFConfig:
-    """The same class with tiny dimensions: same module tree shape, same code paths."""
+    """The same class with tiny dimensions: same module tree shape, same code paths (a remote-code
+    class stays the directory's class)."""
+    from dataclasses import replace
+
+    from .config import canonical
     from .recipes import shrink
 
-    return from_dict(shrink(cfg.data, cfg.model_type), f"{cfg.name}-twin", cfg.source)
+    small = replace(cfg, name=f"{cfg.name}-twin", text=canonical(shrink(cfg.data, cfg.recipe_type)))
+    small.to_transformers()  # transformers' own validation of the shrunk config
+    return small

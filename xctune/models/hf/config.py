@@ -9,6 +9,7 @@ size, so the published ones are written down).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -42,6 +43,10 @@ class HFConfig:
     name: str
     text: str
     source: str = ""  # the checkpoint a preset was written from, or the user's directory
+    # A remote-code class (the user passed --trust-remote-code): the fingerprint of the directory's
+    # code, and the supported model_type its class derives from (whose inputs it takes). Empty: native.
+    remote: str = ""
+    base_type: str = ""
 
     @cached_property
     def data(self) -> dict:
@@ -52,8 +57,33 @@ class HFConfig:
         return self.data["model_type"]
 
     @property
+    def recipe_type(self) -> str:
+        """The supported model_type whose inputs and twin recipe apply (recipes.py)."""
+        return self.base_type or self.model_type
+
+    @property
     def architecture(self) -> str:
-        return SUPPORTED[self.model_type]
+        return SUPPORTED[self.recipe_type]
+
+    def model_class(self):
+        """The class to build: transformers' own, or the directory's (remote code, allowed by the user)."""
+        if self.remote:
+            from .remote import model_key
+
+            return _remote_class(self.source, self.remote, model_key(Path(self.source), self.data))
+        import transformers
+
+        return getattr(transformers, self.architecture)
+
+    def config_class(self):
+        import transformers
+
+        if self.remote and "AutoConfig" in self.data.get("auto_map", {}):
+            return _remote_class(self.source, self.remote, "AutoConfig")
+        if self.model_type not in transformers.CONFIG_MAPPING:
+            raise BadInput(f"config of {self.name}: model_type {self.model_type!r} is unknown to transformers and "
+                           "its auto_map names no AutoConfig")
+        return transformers.CONFIG_MAPPING[self.model_type]
 
     def sub(self, key: str) -> dict:
         """The text or vision sub-config (some classes keep the text keys at the top level)."""
@@ -77,15 +107,13 @@ class HFConfig:
 
     def to_transformers(self):
         """The transformers config object (building it validates the keys)."""
-        import transformers
-
         from transformers.utils import logging
 
         data = {k: v for k, v in self.data.items() if not k.startswith("_")}
         level = logging.get_verbosity()
         logging.set_verbosity_error()  # twins trip transformers' warnings on token ids and rope lengths
+        cls = self.config_class()
         try:
-            cls = transformers.CONFIG_MAPPING[self.model_type]
             return cls(**data)
         except (TypeError, ValueError, KeyError) as e:
             raise BadInput(f"config of {self.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -124,10 +152,17 @@ def from_dict(data: dict, name: str, source: str = "") -> HFConfig:
             f"support (supported: {', '.join(sorted(SUPPORTED))}), nor an InternLM-XComposer2 checkpoint "
             f"(InternLMXComposer2ForCausalLM)"
         )
+    return _validated(HFConfig(name, canonical(data), source))
+
+
+def _validated(cfg: HFConfig) -> HFConfig:
+    """The fields the family's recipe needs are there, and transformers accepts the config."""
     from .recipes import recipe_for
 
-    cfg = HFConfig(name, canonical(data), source)
-    missing = [k for k in recipe_for(cfg).required if _lookup(data, k) is None]
+    data, name, model_type = cfg.data, cfg.name, cfg.model_type
+    # a text field may sit at the top (as published) or in text_config (as transformers 5 saves it)
+    missing = [k for k in recipe_for(cfg).required
+               if _lookup(data, k) is None and ("." in k or _lookup(data, f"text_config.{k}") is None)]
     if missing:
         raise BadInput(f"config of {name} ({model_type}) lacks {', '.join(missing)}")
     cfg.to_transformers()  # transformers' own validation, as one line
@@ -160,14 +195,38 @@ def resolve(spec: str, trust_remote_code: bool = False) -> HFConfig | None:
     model_type = str(data.get("model_type", ""))
     if not model_type or "internlm" in model_type:
         return None  # the embedded InternLM-XComposer reads it (loading.py)
-    if "auto_map" in data and model_type not in SUPPORTED:
-        if not trust_remote_code:
+    if data.get("auto_map"):
+        if trust_remote_code:
+            return remote_config(path, data)
+        if model_type not in SUPPORTED:
+            # checked before anything of the directory is imported: its code never runs without the flag
             raise BadInput(
                 f"{path} needs its own modeling code (auto_map in config.json); running it is code execution: "
                 f"pass --trust-remote-code to allow it"
             )
-        raise BadInput(
-            f"{path}: remote-code classes are not dry-run by the transformers backend yet (model_type "
-            f"{model_type!r}); supported native classes: {', '.join(sorted(SUPPORTED))}"
-        )
+        # a native model_type: without the flag transformers runs its own class, and so does xctune
     return from_dict(data, path.name, str(path))
+
+
+def remote_config(path: Path, data: dict) -> HFConfig:
+    """A directory's own classes (the user passed --trust-remote-code): imported through transformers'
+    dynamic modules, fed the inputs of the supported class they derive from."""
+    from .remote import fingerprint, model_key, native_base
+
+    remote = fingerprint(path)
+    cls = _remote_class(str(path), remote, model_key(path, data))
+    base = native_base(cls, SUPPORTED)
+    if base is None:
+        raise BadInput(
+            f"{path}: its class {cls.__name__} derives from none of the supported transformers classes "
+            f"({', '.join(sorted(SUPPORTED.values()))}), so the inputs its forward takes are unknown to xctune"
+        )
+    return _validated(HFConfig(path.name, canonical(data), str(path), remote=remote, base_type=base))
+
+
+@functools.cache
+def _remote_class(source: str, remote: str, key: str):
+    """Imported once per process and code fingerprint (`remote`: another fingerprint, another import)."""
+    from .remote import load_class
+
+    return load_class(Path(source), json.loads((Path(source) / "config.json").read_text()), key)

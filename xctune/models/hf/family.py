@@ -35,9 +35,7 @@ class HFFamily(ModelFamily):
         return self.config.to_transformers()
 
     def model_class(self):
-        import transformers
-
-        return getattr(transformers, self.config.architecture)
+        return self.config.model_class()
 
     # --- structure ----------------------------------------------------------------------------
     def build_meta(self) -> nn.Module:
@@ -103,12 +101,50 @@ class HFFamily(ModelFamily):
 
     # --- running ------------------------------------------------------------------------------
     def make_inputs(self, workload, device, *, fake: bool = False):
-        """Real CPU tensors; a fake run lifts them to fake tensors with real copies (dry_steps)."""
+        """Real tensors on `device`; a fake run makes them on the CPU and lifts them to fake tensors with
+        real copies (dry_steps)."""
         tcfg = self.transformers_config
-        return build_inputs(self.config, tcfg, workload, self.config.image_tokens() if workload.images else 0)
+        inputs = build_inputs(self.config, tcfg, workload, self.config.image_tokens() if workload.images else 0)
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def load_weights(self, path) -> nn.Module:
+        from .weights import load_weights
+
+        return load_weights(self, path)
+
+    def kv_tensors(self, past) -> list[torch.Tensor]:
+        return cache_tensors(past)
+
+    @torch.no_grad()
+    def generate(self, model, inputs, workload, clock):
+        """The dry run's steps for real: prefill on the processor-style inputs, then greedy decode steps
+        that pass the cache (and a cross-attention family's mask row), phases under `clock`."""
+        from ...workload import Generated
+
+        recipe = recipe_for(self.config)
+        with quiet_transformers():
+            with clock("prefill"):
+                out = model(**inputs, use_cache=True)
+                logits = out.logits[:, -1]
+                token = logits.argmax(-1)
+            cache_obj = out.past_key_values
+            del out
+            tokens = [token]
+            for _ in range(workload.new_tokens - 1):
+                with clock("decode"):
+                    kw = {}
+                    if recipe.decode_extras is not None and "cross_attention_mask" in inputs:
+                        kw = recipe.decode_extras(model.config, inputs, workload.batch, 1)
+                    step = model(input_ids=token[:, None], cache=cache_obj, use_cache=True, **kw)
+                    cache_obj = step.past_key_values
+                    logits = step.logits[:, -1]
+                    token = logits.argmax(-1)
+                    del step
+                tokens.append(token)
+        return Generated(torch.stack(tokens, dim=1), logits, cache_obj)
 
     def dry_steps(self, model, workload, tracker, device, lift):
-        with quiet_transformers():
+        with quiet_transformers(), values_are_known():
             return self._dry_steps(model, workload, tracker, device, lift)
 
     def _dry_steps(self, model, workload, tracker, device, lift):
@@ -156,6 +192,22 @@ def quiet_transformers():
         yield
     finally:
         logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def values_are_known():
+    """transformers takes a fake tensor for a graph being traced (`is_tracing`) and then avoids reading
+    values: SDPA's causal-mask skip among them, so a dry run would build (and copy to every layer on
+    another GPU) a 4D mask that the real run never makes. In a dry run every value the model reads has
+    a real copy (datadep.py): let transformers read it, as on real tensors."""
+    from transformers.utils import import_utils
+
+    original = import_utils.is_fake_tensor
+    import_utils.is_fake_tensor = lambda tensor: False
+    try:
+        yield
+    finally:
+        import_utils.is_fake_tensor = original
 
 
 def cache_tensors(cache_obj) -> list[torch.Tensor]:

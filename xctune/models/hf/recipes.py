@@ -268,7 +268,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 def recipe_for(cfg) -> Recipe:
-    return RECIPES[cfg.model_type]
+    return RECIPES[cfg.recipe_type]
 
 
 def build_inputs(cfg, tcfg, workload, image_tokens: int) -> dict[str, torch.Tensor]:
@@ -283,8 +283,8 @@ def build_inputs(cfg, tcfg, workload, image_tokens: int) -> dict[str, torch.Tens
     for k, v in extras.items():
         out[k] = torch.tensor([v] * B, dtype=torch.long)
     if n:
-        vis = r.vision(tcfg, n * B if cfg.model_type not in ("idefics3", "mllama") else n, gen)
-        if cfg.model_type in ("idefics3", "mllama") and B > 1:
+        vis = r.vision(tcfg, n * B if cfg.recipe_type not in ("idefics3", "mllama") else n, gen)
+        if cfg.recipe_type in ("idefics3", "mllama") and B > 1:
             vis = {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in vis.items()}
         out.update(vis)
         if r.cross_attention:
