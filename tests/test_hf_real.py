@@ -283,25 +283,6 @@ def test_remote_code_that_cannot_be_fed_is_bad_input(case, needle, tmp_path, mod
         assert not sentinel.exists()
 
 
-def _space_places_transformers_classes() -> bool:
-    """Whether the search space can suggest a plan for a transformers class (the space is another
-    branch's work, merged separately): a real probe of the space, on a twin."""
-    import optuna
-
-    from xctune.profile import profile_of
-    from xctune.space import SearchSpace
-
-    try:
-        space = SearchSpace(profile_of(twin(get_preset("llava-1.5-7b"))), make_cluster(BUDGET))
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        space.suggest(study.ask())
-    except KeyError:  # a module name of the embedded IXC model, looked up in a transformers model
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _space_places_transformers_classes(),
-                    reason="the search space does not place transformers classes yet (space.py: issue 10, search part)")
 def test_search_real_measures_every_trial_of_a_checkpoint(checkpoints, tmp_path, capsys):
     path, _ = checkpoints["llava-1.5-7b"]
     study = tmp_path / "real.toml"
