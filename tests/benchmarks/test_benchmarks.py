@@ -59,7 +59,9 @@ def guard(benchmark, name: str, value: float, limit: float, why: str) -> None:
 
 def real_plans():
     tiny = profile_of(get_config("tiny"))
-    tuned = json.loads((ROOT / "results" / "real-cpu" / "best_plan.json").read_text())["plan"]
+    # a fixed plan (the real-cpu study's best of 2026-12-01: bf16, 3 MiB budgets), not whatever the
+    # study's latest noisy run picked: the guard below times this plan against the authors' map
+    tuned = json.loads((ROOT / "tests" / "data" / "plans" / "real_cpu_tuned.json").read_text())
     cluster = make_cluster("2x3MiB", headroom=0)
     return {
         "tuned": Plan.from_dict(tuned),
@@ -105,15 +107,16 @@ def test_real_tiny_latency(benchmark, executor, name):
     )
 
 
-def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turns so that machine drift hits all of them."""
+def _interleaved(fns: dict, rounds: int, stat=statistics.median) -> dict[str, float]:
+    """Seconds of each callable (the median of its rounds, or `stat`), run in turns so that machine
+    drift hits all of them."""
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: stat(v) for k, v in times.items()}
 
 
 def test_tuned_over_authors_ratio(benchmark, executor):
@@ -125,12 +128,15 @@ def test_tuned_over_authors_ratio(benchmark, executor):
     placed = {k: _placed(executor, plans[k]) for k in ("tuned", "authors")}
     fns = {k: (lambda p=p, i=i: generate(p.model, i, REAL_WORKLOAD.new_tokens)) for k, (p, i) in placed.items()}
     try:
-        med = benchmark.pedantic(lambda: _interleaved(fns, ROUNDS), rounds=1, iterations=1)
+        # the fastest round of each: other jobs only add time, and their load moved the medians'
+        # ratio between 1.47 and 2.93 in two runs of the same code (2026-12-02, load average ~3)
+        fastest = benchmark.pedantic(lambda: _interleaved(fns, ROUNDS, min), rounds=1, iterations=1)
     finally:
         for p, _ in placed.values():
             undispatch(p.model)
-    ratio = med["tuned"] / med["authors"]
-    benchmark.extra_info.update({"source": "measured", "tuned_ms": med["tuned"] * 1e3, "authors_ms": med["authors"] * 1e3})
+    ratio = fastest["tuned"] / fastest["authors"]
+    benchmark.extra_info.update({"source": "measured", "tuned_ms": fastest["tuned"] * 1e3,
+                                 "authors_ms": fastest["authors"] * 1e3})
     guard(benchmark, "tuned_over_authors", ratio, 1.6, "the tuned map got slower relative to the authors' map")
 
 
@@ -510,7 +516,9 @@ def test_transformers_dry_run_vs_ixc(benchmark, vl7b_trace, name):
         {"source": "simulated", "model": name, "ratio_to_ixc_dry_run": ratio,
          "kv_bytes": {f"cuda:{d}": b for d, b in run.kv_bytes.items()}}
     )
-    guard(benchmark, f"dry_run_ratio_{name}", ratio, 4.0, "the transformers dry run got slower than 4x the IXC one")
+    # asserted, not compared with the baseline run: one round of each under other jobs' load moved
+    # the PaliGemma ratio by 60% between two runs of the same code
+    check_limit(f"dry_run_ratio_{name}", ratio, 4.0, "the transformers dry run got slower than 4x the IXC one")
 
 
 def test_transformers_search_trial_time(benchmark):
@@ -539,4 +547,6 @@ def test_transformers_search_trial_time(benchmark):
     fastest_ms = min(times) * 1e3
     benchmark.extra_info.update({"source": "simulated", "model": "llava-1.5-7b", "trials_timed": len(times),
                                  "median_trial_ms": statistics.median(times) * 1e3, "trace_seconds": trace.seconds})
-    guard(benchmark, "hf_trial_ms_fastest", fastest_ms, 5.0, "a search trial after the trace takes over 5 ms")
+    # asserted, not compared with the baseline run: a sub-millisecond figure moved 75% between two runs
+    benchmark.extra_info["fastest_trial_ms"] = fastest_ms
+    check_limit("hf_trial_ms_fastest", fastest_ms, 5.0, "a search trial after the trace takes over 5 ms")
