@@ -181,6 +181,8 @@ def test_bad_configs_exit_2_with_the_reason(tmp_path, capsys):
         (d / "config.json").write_text(json.dumps(data))
         code, err = _cli_error(["check", str(m), "--model", str(d)], capsys)
         assert code == 2 and needle in err and err.count("\n") == 1, (name, err)
+    code, err = _cli_error(["check", str(m), "--model", "llava-1.5-7b", "--attn", "eager"], capsys)
+    assert code == 2 and "--attn applies to the embedded" in err and err.count("\n") == 1  # not silently ignored
     code, err = _cli_error(["check", str(m), "--model", "llava-9000"], capsys)
     assert code == 2 and "llava-1.5-7b" in err and "ixc2-vl-7b" in err  # the known presets, both backends
     with pytest.raises(BadInput, match="unknown transformers preset"):

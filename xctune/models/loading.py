@@ -45,8 +45,8 @@ class ModelSpec:
         if attn is None or attn == getattr(self.config, "attn", None):
             return self
         if not hasattr(self.config, "attn"):
-            raise BadInput(f"--attn applies to the embedded InternLM-XComposer models; {self.source} runs the "
-                           "attention of its transformers config")
+            raise BadInput(f"--attn applies to the embedded InternLM-XComposer models; {self.source} is a transformers "
+                           "class, which xctune runs with SDPA (priced as one fused op)")
         return replace(self, config=replace(self.config, attn=attn))
 
     def load_master(self, seed: int = 0) -> torch.nn.Module:
@@ -107,7 +107,7 @@ def resolve_model(spec: str, trust_remote_code: bool = False, attn: str | None =
     hf = resolve_transformers(spec, trust_remote_code)  # a transformers VLM: preset or config.json
     if hf is not None:
         # a directory is its checkpoint (weights optional: without them, dry runs only); a preset has random weights
-        return ModelSpec(spec, hf, Path(spec) if spec not in HF_PRESETS else None, trust_remote_code)
+        return ModelSpec(spec, hf, Path(spec) if spec not in HF_PRESETS else None, trust_remote_code).with_attention(attn)
     path = Path(spec)
     if not path.is_dir():
         raise BadInput(
