@@ -22,12 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xctune.baselines import baseline_plan  # noqa: E402
-from xctune.calibrate import PHASES, calibrate  # noqa: E402
+from xctune.plans.baselines import baseline_plan  # noqa: E402
+from xctune.worlds.calibrate import PHASES, calibrate  # noqa: E402
 from xctune.hardware import make_cluster  # noqa: E402
 from xctune.models.loading import resolve_model  # noqa: E402
-from xctune.real import HostExecutor, overhead_ratios  # noqa: E402
-from xctune.study import load_study  # noqa: E402
+from xctune.worlds.real import HostExecutor, overhead_ratios  # noqa: E402
+from xctune.search.study import load_study  # noqa: E402
 
 
 def machine() -> str:

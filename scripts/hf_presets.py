@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 import time
 
-from xctune.check import check
-from xctune.constraints import constraint_report
+from xctune.plans.check import check
+from xctune.plans.constraints import constraint_report
 from xctune.hardware import make_cluster
 from xctune.models.hf import PRESET_NAMES, get_preset
-from xctune.plan import Plan
-from xctune.profile import profile_of
+from xctune.plans.plan import Plan
+from xctune.models.profile import profile_of
 from xctune.workload import Workload
 
 

@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from xctune.baselines import baseline_plan
-from xctune.check import check
+from xctune.plans.baselines import baseline_plan
+from xctune.plans.check import check
 from xctune.hardware import GiB, make_cluster
 from xctune.models.loading import loading_paths, resolve_model
-from xctune.plan import load_plan
+from xctune.plans.plan import load_plan
 from xctune.workload import Workload
 
 ROOT = Path(__file__).resolve().parent.parent

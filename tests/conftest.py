@@ -27,7 +27,7 @@ def field_map(name: str) -> Path:
 
 def _profile(preset: str):
     from xctune.models import get_config  # imported here: the conftest itself stays light (tests/test_suite_policy.py)
-    from xctune.profile import profile_of
+    from xctune.models.profile import profile_of
 
     return profile_of(get_config(preset))
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from xctune import search
+from xctune.search import runner as search
 from xctune.cli import main
 
 _evaluate = search.VirtualEvaluator.__call__

@@ -24,7 +24,7 @@ from conftest import ROOT, two_gpu_map, write_json
 from xctune.cli import main
 from xctune.errors import BadInput
 from xctune.models import PRESETS
-from xctune.study import SETTINGS, load_study
+from xctune.search.study import SETTINGS, load_study
 
 EXAMPLES = int(os.environ.get("XCTUNE_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -105,8 +105,8 @@ def test_settings_table_names_every_key_the_loader_reads():
     # a new setting is one line in SETTINGS; the shipped studies use only keys it knows
     keys = {(t, k) for t, rules in SETTINGS.items() for k in rules}
     assert ("space", "skip_keys") in keys and ("real", "fidelity_floor") in keys and ("", "trials") in keys
-    from xctune.baselines import BASELINES
-    from xctune.study import BASELINES as STUDY_BASELINES
+    from xctune.plans.baselines import BASELINES
+    from xctune.search.study import BASELINES as STUDY_BASELINES
 
     assert STUDY_BASELINES == BASELINES
 
@@ -152,8 +152,8 @@ def test_maps_with_no_gpu_are_refused_alike(tmp_path, tiny, dmap, reason):
         code, _, err = run_cli([*argv, "--model", "tiny"])
         assert code == 2 and reason in err, (argv, err)
     from xctune.hardware import make_cluster
-    from xctune.plan import Plan
-    from xctune.trace import InvalidPlan, Trace
+    from xctune.plans.plan import Plan
+    from xctune.worlds.trace import InvalidPlan, Trace
     from xctune.workload import Workload
 
     with pytest.raises(InvalidPlan, match=reason):  # what a search trial records
@@ -164,7 +164,7 @@ def test_maps_with_no_gpu_are_refused_alike(tmp_path, tiny, dmap, reason):
 
 def test_a_map_with_many_unknown_keys_is_judged_in_bounded_time(tmp_path, tiny):
     """Resolution costs lookups per parameter name, not a scan of the map per parameter (README: 2M keys)."""
-    from xctune.plan import resolve
+    from xctune.plans.plan import resolve
 
     dmap = {**two_gpu_map(tiny), **{f"junk.{i}": 0 for i in range(200_000)}}
     t0 = time.perf_counter()

@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from xctune.calibrate import (FACTORS, Sample, _efficiency, _links, calibrate, calibration_plans, fit, host_twin,
+from xctune.worlds.calibrate import (FACTORS, Sample, _efficiency, _links, calibrate, calibration_plans, fit, host_twin,
                               kendall_tau, load_host_device, nnls, phase_features, staleness, twin_cluster,
                               twin_phase_ms, twin_trust)
 from xctune.cli import main
-from xctune.costmodel import Efficiency
+from xctune.worlds.costmodel import Efficiency
 from xctune.errors import BadInput
 from xctune.hardware import GPUSpec, make_cluster
 from xctune.models.loading import resolve_model
-from xctune.trace import Trace
+from xctune.worlds.trace import Trace
 from xctune.workload import Workload
 
 W = Workload(prompt_tokens=16, new_tokens=4)

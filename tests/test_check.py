@@ -1,10 +1,10 @@
 """`check`: every error and warning class, the dry run as judge, and the field maps' verdicts."""
 
 from conftest import field_map, two_gpu_map
-from xctune.baselines import accelerate_map, authors_map, repair
-from xctune.check import check
+from xctune.plans.baselines import accelerate_map, authors_map, repair
+from xctune.plans.check import check
 from xctune.hardware import make_cluster
-from xctune.plan import Plan, load_plan
+from xctune.plans.plan import Plan, load_plan
 from xctune.workload import Workload
 
 SMALL = Workload(prompt_tokens=8, new_tokens=3)

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from xctune.check import check, static_findings
+from xctune.plans.check import check, static_findings
 from xctune.cli import main
 from xctune.errors import BadInput
 from xctune.hardware import make_cluster
 from xctune.models import PRESETS, XComposer, get_config, init_weights
 from xctune.models.checkpoint import UNUSED_WEIGHTS, expected_names
 from xctune.models.loading import loading_paths, resolve_model, save_checkpoint, write_shards
-from xctune.plan import Plan, resolve
-from xctune.profile import profile_of
-from xctune.virtual import virtual_run
+from xctune.plans.plan import Plan, resolve
+from xctune.models.profile import profile_of
+from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload, generate, make_inputs
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -322,7 +322,7 @@ def test_the_authors_2gpu_map_moves_what_their_code_moves():
 
 
 def test_study_files_choose_attention_and_loader(tmp_path):
-    from xctune.study import load_study
+    from xctune.search.study import load_study
 
     spec = load_study(Path(__file__).parent.parent / "studies" / "ixc2d5.toml")
     assert spec.model == "ixc2d5-7b" and spec.loader == "xctune" and spec.attn is None
@@ -338,8 +338,8 @@ def test_study_files_choose_attention_and_loader(tmp_path):
 
 def test_search_optimises_the_loader_the_study_names(tmp_path):
     """A bare from_pretrained study: every trial's plan carries that path's skip keys."""
-    from xctune.search import run_search
-    from xctune.study import StudySpec
+    from xctune.search.runner import run_search
+    from xctune.search.study import StudySpec
 
     spec = StudySpec(name="bare", model="tiny", gpus="2x1GiB", trials=3, loader="from_pretrained",
                      workload=Workload(prompt_tokens=8, new_tokens=2), out=str(tmp_path / "out"),

@@ -10,20 +10,20 @@ import optuna
 import pytest
 
 from conftest import ROOT, sampled_plans
-from xctune.baselines import vllm_default_counts
+from xctune.plans.baselines import vllm_default_counts
 from xctune.cli import main
 from xctune.errors import BadInput
 from xctune.export import ExportInvalid, export_plan
 from xctune.hardware import LINK_PRESETS, NETWORK_PRESETS, LinkSpec, make_cluster
-from xctune.costmodel import Efficiency
-from xctune.oracle import Oracle, brute_force
-from xctune.plan import Plan
-from xctune.report import summary, write_outputs
-from xctune.search import run_search
-from xctune.space import SearchSpace, SpaceOptions
-from xctune.study import StudySpec, load_study, with_overrides
-from xctune.targets import TargetSpec, pipeline_map, pipeline_stages, serving_estimate, throughput, tp_cluster
-from xctune.trace import Trace
+from xctune.worlds.costmodel import Efficiency
+from xctune.search.oracle import Oracle, brute_force
+from xctune.plans.plan import Plan
+from xctune.reports.report import summary, write_outputs
+from xctune.search.runner import run_search
+from xctune.search.space import SearchSpace, SpaceOptions
+from xctune.search.study import StudySpec, load_study, with_overrides
+from xctune.search.targets import TargetSpec, pipeline_map, pipeline_stages, serving_estimate, throughput, tp_cluster
+from xctune.worlds.trace import Trace
 from xctune.workload import Workload
 
 QUIET = dict(progress=False, log=lambda m: None)
@@ -96,7 +96,7 @@ def test_each_move_is_priced_on_the_link_it_crosses(tiny):
 ])
 def test_pipeline_space_keeps_the_engines_fixed_placement(model, gpus, distinct):
     from xctune.models import get_config
-    from xctune.profile import profile_of
+    from xctune.models.profile import profile_of
 
     profile = profile_of(get_config(model))
     space = SearchSpace(profile, make_cluster(gpus), SpaceOptions(offload=("cpu",)), PIPE)
@@ -237,7 +237,7 @@ def test_tensor_parallel_stages_split_memory_and_pay_all_reduces(tiny):
     stage = tp_cluster(full)
     assert len(stage.gpus) == 2 and stage.gpus[0].memory_bytes == 4 * full.gpus[0].memory_bytes
     assert stage.link_between(0, 1).name == "ib-hdr"
-    from xctune.targets import TensorParallel, allreduce_seconds
+    from xctune.search.targets import TensorParallel, allreduce_seconds
 
     trace = Trace(tiny, W)
     plan = Plan.uniform(pipeline_map(tiny, [2, 2]), "fp32")
@@ -325,7 +325,7 @@ def test_torch_pipelining_export_runs_in_two_processes_with_the_tokens_of_one(ti
     loop in one process, and against xctune's own generate loop with its KV cache."""
     import torch
 
-    from xctune.build import host_model
+    from xctune.worlds.build import host_model
     from xctune.workload import generate, make_inputs
 
     w = Workload(prompt_tokens=6, new_tokens=4)

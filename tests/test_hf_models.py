@@ -16,9 +16,9 @@ from xctune.errors import BadInput
 from xctune.models.base import Role
 from xctune.models.hf import PRESET_NAMES, from_dict, get_preset, twin
 from xctune.models.hf.family import measured_image_tokens
-from xctune.plan import Plan
-from xctune.profile import profile_of
-from xctune.virtual import virtual_run
+from xctune.plans.plan import Plan
+from xctune.models.profile import profile_of
+from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload
 
 # The published parameter counts of the checkpoints the presets were written from (their
@@ -201,8 +201,8 @@ def test_constraints_agree_with_the_feasibility_study(capsys):
 
 
 def test_real_copies_answer_data_dependent_ops_and_indices_are_device_checked():
-    from xctune import vdevice
-    from xctune.datadep import IndexDeviceError, RealShadows, fake_metadata
+    from xctune.worlds import vdevice
+    from xctune.worlds.datadep import IndexDeviceError, RealShadows, fake_metadata
 
     mode = vdevice.new_fake_mode(avoid_device_init=True)
     shadows = RealShadows()

@@ -10,19 +10,19 @@ import json
 
 import pytest
 
-from xctune.baselines import baseline_map, has_baseline, repair
-from xctune.check import check
+from xctune.plans.baselines import baseline_map, has_baseline, repair
+from xctune.plans.check import check
 from xctune.hardware import make_cluster
 from xctune.models.hf import get_preset, twin
-from xctune.oracle import Oracle, brute_force
-from xctune.plan import Plan, resolve
-from xctune.profile import profile_of
-from xctune.report import layout
-from xctune.search import run_search
-from xctune.space import SearchSpace, SpaceOptions
-from xctune.study import StudySpec
-from xctune.trace import InvalidPlan, Trace
-from xctune.virtual import virtual_run
+from xctune.search.oracle import Oracle, brute_force
+from xctune.plans.plan import Plan, resolve
+from xctune.models.profile import profile_of
+from xctune.reports.report import layout
+from xctune.search.runner import run_search
+from xctune.search.space import SearchSpace, SpaceOptions
+from xctune.search.study import StudySpec
+from xctune.worlds.trace import InvalidPlan, Trace
+from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload
 
 from conftest import sampled_plans

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xctune.costmodel import DECODE_PHASES, Efficiency
+from xctune.worlds.costmodel import DECODE_PHASES, Efficiency
 from xctune.hardware import LINK_PRESETS, make_cluster
-from xctune.space import SearchSpace, SpaceOptions
-from xctune.trace import Trace
+from xctune.search.space import SearchSpace, SpaceOptions
+from xctune.worlds.trace import Trace
 from xctune.workload import Workload
 
 OPTIONS = SpaceOptions(dtypes=("fp32", "bf16"), offload=("cpu", "disk"))

@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 
 from conftest import field_map, two_gpu_map
-from xctune.costmodel import Efficiency
+from xctune.worlds.costmodel import Efficiency
 from xctune.hardware import make_cluster
 from xctune.models.loading import resolve_model
-from xctune.plan import Plan, load_plan
-from xctune.real import HostExecutor
+from xctune.plans.plan import Plan, load_plan
+from xctune.worlds.real import HostExecutor
 from xctune.record import TrialRecord
-from xctune.simulate import simulate
-from xctune.trace import InvalidPlan, Trace
+from xctune.worlds.simulate import simulate
+from xctune.worlds.trace import InvalidPlan, Trace
 from xctune.workload import Workload
 
 W = Workload(prompt_tokens=8, new_tokens=4)
@@ -105,7 +105,7 @@ def test_7b_decode_is_bandwidth_bound_on_two_4090s():
     from dataclasses import replace
 
     from xctune.models import get_config
-    from xctune.profile import profile_of
+    from xctune.models.profile import profile_of
 
     # SDPA: one fused attention op per layer (the op count below); eager's extra ops and mask copies
     # are the checkpoint-attention tests' subject
@@ -183,10 +183,10 @@ def test_transfers_per_phase_and_link_agree(tiny, host):
 
 def test_move_timer_sums_one_timing_per_call_that_moves(tiny):
     """The CUDA-event path, exercised with stand-in events on the CPU (same hooks, same order)."""
-    from xctune.instrument import MoveTimer
-    from xctune.placement import HostWorld, dispatch, undispatch
-    from xctune.real import MasterWeights
-    from xctune.build import host_model
+    from xctune.worlds.instrument import MoveTimer
+    from xctune.worlds.placement import HostWorld, dispatch, undispatch
+    from xctune.worlds.real import MasterWeights
+    from xctune.worlds.build import host_model
     from xctune.workload import generate, make_inputs
 
     class Event:
@@ -216,7 +216,7 @@ def test_move_timer_sums_one_timing_per_call_that_moves(tiny):
 def test_timed_runs_do_not_count_and_record_threads(tiny, host):
     import torch
 
-    from xctune.real import Prepared
+    from xctune.worlds.real import Prepared
 
     before = torch.get_num_threads()
     plan = Plan.uniform(two_gpu_map(tiny))
@@ -254,7 +254,7 @@ def test_interleaved_rounds(tiny, host):
 def test_the_best_real_trial_is_a_quiet_one():
     from types import SimpleNamespace
 
-    from xctune.report import pick_best
+    from xctune.reports.report import pick_best
 
     plan = Plan.uniform({"": 0}).to_dict()
     rows = [{"feasible": True, "_plan": plan, "e2e_ms": 10.0, "noisy": True, "trial": 0},

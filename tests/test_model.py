@@ -6,7 +6,7 @@ import torch
 from xctune.errors import BadInput
 from xctune.models import XComposer, get_config, init_weights, num_params
 from xctune.models.loading import load_remote, resolve_model, save_checkpoint
-from xctune.profile import profile_of
+from xctune.models.profile import profile_of
 from xctune.workload import Workload, generate, make_inputs
 
 

@@ -13,7 +13,7 @@ from xctune import atomic
 from xctune.atomic import OutputSet, check_writable, write_text
 from xctune.cli import main
 from xctune.errors import BadInput
-from xctune.storage import Liveness, mask_secrets, mask_url, open_storage
+from xctune.search.storage import Liveness, mask_secrets, mask_url, open_storage
 
 TINY = ["search", "--model", "tiny", "--gpus", "2x1GiB", "--json"]
 
@@ -74,7 +74,8 @@ def test_an_output_set_replaces_together_or_changes_nothing(tmp_path, monkeypatc
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    from xctune import calibrate as cal_mod, search as search_mod
+    from xctune.worlds import calibrate as cal_mod
+    from xctune.search import runner as search_mod
 
     monkeypatch.setattr(cal_mod, "calibrate", lambda *a, **k: pytest.fail("calibrate ran before --out was checked"))
     monkeypatch.setattr(search_mod, "resolve_model", lambda *a, **k: pytest.fail("search ran before --out was checked"))

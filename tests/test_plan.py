@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import field_map, two_gpu_map, write_json
 from xctune.errors import BadInput
-from xctune.plan import Plan, load_plan, parse_device, resolve, write_device_map
+from xctune.plans.plan import Plan, load_plan, parse_device, resolve, write_device_map
 
 
 @pytest.mark.parametrize("name", ["authors-heuristic.2gpu", "authors-heuristic.4gpu", "split-vision-from-embeddings.2gpu"])

@@ -159,8 +159,8 @@ def test_gains_split_into_placement_and_precision():
     one that does not fit in the baseline dtype is still compared at the others."""
     from types import SimpleNamespace
 
-    from xctune.plan import Plan
-    from xctune.report import baseline_gains
+    from xctune.plans.plan import Plan
+    from xctune.reports.report import baseline_gains
 
     best = {"e2e_ms": 100.0}
     records = [
@@ -183,7 +183,7 @@ def test_gains_split_into_placement_and_precision():
 
 
 def test_relative_change_reads_lower_as_better_on_both_sides_of_zero():
-    from xctune.compare import Change
+    from xctune.reports.compare import Change
 
     assert Change("b", "g", 2.0, 3.0, True).change == pytest.approx(0.5)
     assert Change("b", "g", -0.2, -0.1, True).change == pytest.approx(0.5)  # a negative guard rising: worse

@@ -6,16 +6,16 @@ import optuna
 import pytest
 
 from conftest import ROOT, sampled_plans
-from xctune.check import static_findings
+from xctune.plans.check import static_findings
 from xctune.cli import main
 from xctune.hardware import make_cluster
-from xctune.oracle import Oracle, brute_force
-from xctune.plan import resolve
-from xctune.profile import profile_of
-from xctune.search import run_search
-from xctune.space import SearchSpace, SpaceOptions, split_layers
-from xctune.study import load_study, with_overrides
-from xctune.trace import Trace
+from xctune.search.oracle import Oracle, brute_force
+from xctune.plans.plan import resolve
+from xctune.models.profile import profile_of
+from xctune.search.runner import run_search
+from xctune.search.space import SearchSpace, SpaceOptions, split_layers
+from xctune.search.study import load_study, with_overrides
+from xctune.worlds.trace import Trace
 from xctune.models import get_config
 from xctune.workload import Workload
 
@@ -148,7 +148,7 @@ def test_resume_adds_trials_and_an_interruption_keeps_finished_ones(tmp_path, mo
     second = run_search(with_overrides(spec, trials=3), **QUIET)
     assert len(second.study.trials) == n1 + 3  # baselines are not queued twice
     # interrupt the next run after two trials: both stay in the study, outputs are written
-    from xctune import search as search_mod
+    from xctune.search import runner as search_mod
 
     calls = {"n": 0}
     real_call = search_mod.VirtualEvaluator.__call__

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import two_gpu_map
-from xctune import trace_cache
+from xctune.worlds import trace_cache
 from xctune.hardware import make_cluster
-from xctune.plan import Plan
-from xctune.trace import Trace
+from xctune.plans.plan import Plan
+from xctune.worlds.trace import Trace
 from xctune.workload import Workload
 
 W = Workload(prompt_tokens=8, new_tokens=4)

@@ -3,9 +3,9 @@
 import torch
 
 from conftest import two_gpu_map
-from xctune import vdevice
-from xctune.plan import Plan
-from xctune.virtual import virtual_run
+from xctune.worlds import vdevice
+from xctune.plans.plan import Plan
+from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload
 
 W = Workload(prompt_tokens=8, new_tokens=3)  # tiny: 16 image tokens + 8 text = 24 prompt tokens
@@ -83,7 +83,7 @@ def test_memory_peak_includes_the_kv_cache(tiny):
 
 def test_dry_run_of_7b_half_precision_halves_weights_traffic(vl7b):
     from conftest import field_map
-    from xctune.plan import load_plan
+    from xctune.plans.plan import load_plan
 
     fp32 = virtual_run(vl7b, load_plan(field_map("authors-heuristic.2gpu"), "fp32"), W)
     fp16 = virtual_run(vl7b, load_plan(field_map("authors-heuristic.2gpu"), "fp16"), W)

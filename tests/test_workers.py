@@ -189,8 +189,8 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(stora
 
     from optuna.distributions import FloatDistribution
 
-    from xctune.storage import Liveness, never_beaten, open_storage
-    from xctune.worker import Worker
+    from xctune.search.storage import Liveness, never_beaten, open_storage
+    from xctune.search.worker import Worker
 
     liveness = Liveness(1, 2)
     name = f"never-beaten-{tmp_path.name}"  # one PostgreSQL server serves every test of the session

@@ -96,22 +96,22 @@ def _cluster(args):
         raise BadInput("--gpus is required (e.g. --gpus 2x24GiB)")
     extra = {}
     if getattr(args, "calibration", None):
-        from .calibrate import load_host_device
+        from .worlds.calibrate import load_host_device
 
         extra["host"] = load_host_device(args.calibration)
     return make_cluster(args.gpus, link=args.link, headroom=args.headroom, extra=extra)
 
 
 def _efficiency(args):
-    from .costmodel import Efficiency
+    from .worlds.costmodel import Efficiency
 
     return Efficiency.load(args.calibration) if getattr(args, "calibration", None) else Efficiency()
 
 
 def _plan_from_args(args, profile, cluster):
     """A plan from MAP (a file) or --baseline NAME; exactly one of them."""
-    from .baselines import baseline_plan
-    from .plan import load_plan
+    from .plans.baselines import baseline_plan
+    from .plans.plan import load_plan
 
     if bool(args.map) == bool(args.baseline):
         raise BadInput("give a map file or --baseline NAME (authors, accelerate-sequential, accelerate-balanced, single)")
@@ -128,7 +128,7 @@ def _emit_json(obj) -> None:
 
 
 def cmd_check(args) -> int:
-    from .check import check
+    from .plans.check import check
 
     spec = _model(args)
     cluster = _cluster(args)
@@ -142,10 +142,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .baselines import repair
-    from .check import decode_bytes_by_loader
+    from .plans.baselines import repair
+    from .plans.check import decode_bytes_by_loader
     from .models.loading import loading_path
-    from .plan import Plan
+    from .plans.plan import Plan
 
     spec = _model(args)
     workload = _workload(args)
@@ -160,13 +160,13 @@ def cmd_bench(args) -> int:
     if loader:
         plan = Plan(plan.device_map, plan.dtypes, loading_path(loader).skip_keys, plan.label)
     if args.real:
-        from .real import HostExecutor
+        from .worlds.real import HostExecutor
 
         _progress(args, f"measuring {plan.label or 'the map'} on this machine ({args.repeats} repeats, {args.threads} thread(s))...")
         record = HostExecutor(spec, workload, repeats=args.repeats, warmup=args.warmup, budget=budget,
                               threads=args.threads).run(plan)
     else:
-        from .simulate import simulate
+        from .worlds.simulate import simulate
 
         _progress(args, f"simulating {plan.label or 'the map'} on {cluster.describe()} (dry run on fake tensors)...")
         record = simulate(spec.profile, plan, workload, cluster, _efficiency(args), label=plan.label)
@@ -206,10 +206,10 @@ def _progress(args, message: str) -> None:
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from .calibrate import calibrate
+    from .worlds.calibrate import calibrate
 
     from .atomic import check_writable
-    from .study import load_study
+    from .search.study import load_study
 
     out = Path(args.out)
     check_writable(out.parent)  # before minutes of measuring, not after
@@ -228,10 +228,10 @@ def cmd_calibrate(args) -> int:
 def cmd_search(args) -> int:
     from pathlib import Path
 
-    from .report import baseline_gains, summary, write_outputs
-    from .search import run_search
-    from .storage import mask_url
-    from .study import find_default_study, load_study, with_overrides
+    from .reports.report import baseline_gains, summary, write_outputs
+    from .search.runner import run_search
+    from .search.storage import mask_url
+    from .search.study import find_default_study, load_study, with_overrides
 
     spec = load_study(args.study) if args.study else load_study(find_default_study())
     changes = dict(
@@ -248,7 +248,7 @@ def cmd_search(args) -> int:
     if args.target or args.requests_in_flight or args.tensor_parallel:
         from dataclasses import replace
 
-        from .targets import TargetSpec
+        from .search.targets import TargetSpec
 
         t = spec.target
         changes["target"] = TargetSpec(args.target or t.name, args.tensor_parallel or t.tensor_parallel,
@@ -289,8 +289,8 @@ def cmd_export(args) -> int:
     from .export import ExportInvalid, export_plan
     from .hardware import make_cluster
     from .models.loading import resolve_model
-    from .plan import Plan, load_plan
-    from .targets import TargetSpec, target_cluster, tp_size
+    from .plans.plan import Plan, load_plan
+    from .search.targets import TargetSpec, target_cluster, tp_size
     from .workload import Workload
 
     source = Path(args.plan)
@@ -345,7 +345,7 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from .atomic import OutputSet, check_writable
-    from .compare import build_report, check_threshold, render_markdown, write_csv
+    from .reports.compare import build_report, check_threshold, render_markdown, write_csv
 
     pct = None if args.fail_on_regression is None else check_threshold(args.fail_on_regression)
     if args.out:
@@ -374,7 +374,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_constraints(args) -> int:
-    from .constraints import constraint_report
+    from .plans.constraints import constraint_report
 
     spec = _model(args)
     rep = constraint_report(spec.profile)
@@ -389,7 +389,7 @@ def cmd_presets(args) -> int:
     from .hardware import GPU_PRESETS, LINK_PRESETS, NETWORK_PRESETS, GiB
     from .models import PRESETS
     from .models.hf import PRESET_NAMES, get_preset
-    from .profile import profile_of
+    from .models.profile import profile_of
 
     hf = {n: get_preset(n) for n in PRESET_NAMES}
     rows = {

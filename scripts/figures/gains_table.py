@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from xctune.report import baseline_gains, layout, summary, write_outputs  # noqa: E402
-from xctune.search import run_search  # noqa: E402
-from xctune.study import load_study, with_overrides  # noqa: E402
+from xctune.reports.report import baseline_gains, layout, summary, write_outputs  # noqa: E402
+from xctune.search.runner import run_search  # noqa: E402
+from xctune.search.study import load_study, with_overrides  # noqa: E402
 
 
 def x(v) -> str:

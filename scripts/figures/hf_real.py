@@ -22,9 +22,9 @@ from xctune.models.hf import get_preset, twin
 from xctune.models.hf.family import HFFamily
 from xctune.models.hf.weights import save_weights
 from xctune.models.loading import resolve_model
-from xctune.plan import Plan
-from xctune.real import HostExecutor
-from xctune.simulate import simulate
+from xctune.plans.plan import Plan
+from xctune.worlds.real import HostExecutor
+from xctune.worlds.simulate import simulate
 from xctune.workload import Workload
 
 W = Workload(prompt_tokens=32, new_tokens=8)

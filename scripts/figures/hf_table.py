@@ -35,15 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from xctune.constraints import constraint_report  # noqa: E402
+from xctune.plans.constraints import constraint_report  # noqa: E402
 from xctune.models.hf import PRESET_NAMES, get_preset  # noqa: E402
-from xctune.plan import Plan, resolve  # noqa: E402
-from xctune.profile import profile_of  # noqa: E402
-from xctune.report import layout  # noqa: E402
-from xctune.search import run_search  # noqa: E402
-from xctune.space import SpaceOptions  # noqa: E402
-from xctune.study import StudySpec  # noqa: E402
-from xctune.virtual import virtual_run  # noqa: E402
+from xctune.plans.plan import Plan, resolve  # noqa: E402
+from xctune.models.profile import profile_of  # noqa: E402
+from xctune.reports.report import layout  # noqa: E402
+from xctune.search.runner import run_search  # noqa: E402
+from xctune.search.space import SpaceOptions  # noqa: E402
+from xctune.search.study import StudySpec  # noqa: E402
+from xctune.worlds.virtual import virtual_run  # noqa: E402
 from xctune.workload import Workload  # noqa: E402
 
 CLUSTERS = ("2x24GiB", "4x24GiB")

@@ -21,11 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 from xctune.hardware import make_cluster  # noqa: E402
 from xctune.models import get_config  # noqa: E402
-from xctune.oracle import Oracle  # noqa: E402
-from xctune.profile import profile_of  # noqa: E402
-from xctune.search import trace_cache_dir  # noqa: E402
-from xctune.space import SearchSpace, SpaceOptions  # noqa: E402
-from xctune.trace import Trace  # noqa: E402
+from xctune.search.oracle import Oracle  # noqa: E402
+from xctune.models.profile import profile_of  # noqa: E402
+from xctune.search.runner import trace_cache_dir  # noqa: E402
+from xctune.search.space import SearchSpace, SpaceOptions  # noqa: E402
+from xctune.worlds.trace import Trace  # noqa: E402
 from xctune.workload import Workload  # noqa: E402
 
 CLUSTERS = ["2x24GiB", "8x24GiB", "16x24GiB", "rtx4090,2xrtx3060", "16xa100-40g,16xrtx4090,16xl40s,16xa10"]

@@ -27,9 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from xctune import report, search  # noqa: E402
-from xctune.space import SearchSpace  # noqa: E402
-from xctune.study import load_study, with_overrides  # noqa: E402
+from xctune.reports import report  # noqa: E402
+
+from xctune.search import runner as search  # noqa: E402
+from xctune.search.space import SearchSpace  # noqa: E402
+from xctune.search.study import load_study, with_overrides  # noqa: E402
 
 SPENT: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
 
@@ -66,11 +68,11 @@ def main() -> None:
     timed(search.VirtualEvaluator, "__call__", "trial: evaluation (trace arithmetic)")
     timed(search, "_enqueue_baselines", "baselines (accelerate's maps, raw maps judged by the trace)")
     timed(report, "pick_best", "best plan (its cached dry-run verdict)")
-    from xctune import oracle
+    from xctune.search import oracle
 
     timed(oracle.Oracle, "solve", "exact optima (two dynamic programmes)")
     warm_spec = with_overrides(spec, out=str(out / "warm"))
-    from xctune.worker import Worker
+    from xctune.search.worker import Worker
 
     timed(Worker, "run", "all trials (the worker loop)")
     w, c = time.perf_counter(), time.process_time()

@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from xctune.models.loading import resolve_model  # noqa: E402
-from xctune.oracle import Oracle, brute_force  # noqa: E402
-from xctune.report import layout  # noqa: E402
-from xctune.search import build_cluster, trace_cache_dir  # noqa: E402
-from xctune.space import SearchSpace  # noqa: E402
-from xctune.study import load_study  # noqa: E402
-from xctune.targets import target_cluster  # noqa: E402
-from xctune.trace import Trace  # noqa: E402
+from xctune.search.oracle import Oracle, brute_force  # noqa: E402
+from xctune.reports.report import layout  # noqa: E402
+from xctune.search.runner import build_cluster, trace_cache_dir  # noqa: E402
+from xctune.search.space import SearchSpace  # noqa: E402
+from xctune.search.study import load_study  # noqa: E402
+from xctune.search.targets import target_cluster  # noqa: E402
+from xctune.worlds.trace import Trace  # noqa: E402
 
 
 def main() -> None:

@@ -23,22 +23,22 @@ import time
 import pytest
 
 from conftest import ROOT, field_map
-from xctune.baselines import baseline_plan
-from xctune.build import host_model
-from xctune.costmodel import Efficiency
+from xctune.plans.baselines import baseline_plan
+from xctune.worlds.build import host_model
+from xctune.worlds.costmodel import Efficiency
 from xctune.hardware import make_cluster
 from xctune.models import get_config
 from xctune.models.loading import resolve_model, save_checkpoint
-from xctune.oracle import Oracle
-from xctune.placement import HostWorld, dispatch, undispatch
-from xctune.plan import Plan, load_plan
-from xctune.profile import profile_of
-from xctune.real import HostExecutor, MasterWeights
-from xctune.search import run_search
-from xctune.simulate import simulate
-from xctune.study import load_study, with_overrides
-from xctune.trace import Trace
-from xctune.virtual import virtual_run
+from xctune.search.oracle import Oracle
+from xctune.worlds.placement import HostWorld, dispatch, undispatch
+from xctune.plans.plan import Plan, load_plan
+from xctune.models.profile import profile_of
+from xctune.worlds.real import HostExecutor, MasterWeights
+from xctune.search.runner import run_search
+from xctune.worlds.simulate import simulate
+from xctune.search.study import load_study, with_overrides
+from xctune.worlds.trace import Trace
+from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload, generate, make_inputs
 
 FULL = os.environ.get("XCTUNE_BENCH_FULL") == "1"
@@ -186,7 +186,7 @@ def test_offload_decode_over_link_bound(benchmark, vl7b_trace):
     """A cpu-offload 7B plan (16 layers streamed from host memory at every step, fp16, one RTX 4090): its
     simulated decode step against the bound of the bytes it streams over the host link at the achieved
     rate of a *pinned* copy (the faster host path; offloaded weights are pageable and slower still)."""
-    from xctune.costmodel import DECODE_PHASES
+    from xctune.worlds.costmodel import DECODE_PHASES
 
     profile, trace, authors = vl7b_trace
     cluster = make_cluster("rtx4090")
@@ -283,8 +283,8 @@ ORACLE_CLUSTERS = {
 @pytest.fixture(scope="module")
 def vl7b_all_widths():
     """The 7B trace at every element width a mixed fp32/fp16/bf16 space needs (recorded once, cached)."""
-    from xctune.search import trace_cache_dir
-    from xctune.space import SearchSpace, SpaceOptions
+    from xctune.search.runner import trace_cache_dir
+    from xctune.search.space import SearchSpace, SpaceOptions
 
     profile = profile_of(get_config("ixc2-vl-7b"))
     trace = Trace(profile, Workload(), cache_dir=trace_cache_dir())
@@ -296,7 +296,7 @@ def vl7b_all_widths():
 @pytest.mark.parametrize("name", list(ORACLE_CLUSTERS))
 def test_oracle_time(benchmark, vl7b_all_widths, name):
     """The exact optimum over fp32/fp16/bf16 per group, 7B: seconds, at 16 GPUs and at a 64-GPU mixed cluster."""
-    from xctune.space import SearchSpace, SpaceOptions
+    from xctune.search.space import SearchSpace, SpaceOptions
 
     profile, trace, small = vl7b_all_widths
     gpus, limit = ORACLE_CLUSTERS[name]
@@ -374,10 +374,10 @@ def test_guard_trips_on_a_deliberately_slowed_plan(benchmark):
 
 def test_measurement_overhead(benchmark, executor):
     """xctune's timed runs against the same loop without xctune, per phase, interleaved round by round
-    (`xctune.real.overhead_ratios`: plain model, accelerate's `dispatch_model` alone, xctune's executor).
+    (`xctune.worlds.real.overhead_ratios`: plain model, accelerate's `dispatch_model` alone, xctune's executor).
     Guard: xctune / accelerate <= 1.05 per phase, fastest runs. accelerate / plain is accelerate's own hook cost,
     which users pay too: recorded, not guarded."""
-    from xctune.real import overhead_ratios
+    from xctune.worlds.real import overhead_ratios
 
     rounds = 3 * ROUNDS
     ratios = benchmark.pedantic(overhead_ratios, args=(executor, real_plans()["authors"], rounds), rounds=1, iterations=1)
@@ -393,7 +393,7 @@ def test_twin_rank_agreement(benchmark, tmp_path):
     does. Kendall tau over >= 15 plans measured interleaved, beside the measurement's own tau between
     halves of its rounds (its ceiling). Guards: ceiling - twin <= 0.1; and where the ceiling reaches
     0.9, twin >= 0.8 (as 0.8 - twin <= 0)."""
-    from xctune.calibrate import HELD_OUT, TRAIN, calibrate
+    from xctune.worlds.calibrate import HELD_OUT, TRAIN, calibrate
 
     study = load_study(ROOT / "studies" / "real-cpu.toml")
     spec = resolve_model("tiny")
@@ -527,7 +527,7 @@ def test_transformers_search_trial_time(benchmark):
     the embedded model. Guarded: the fastest of the timed trials (a busy machine only adds time)."""
     from conftest import sampled_plans
     from xctune.models.hf import get_preset
-    from xctune.space import SearchSpace, SpaceOptions
+    from xctune.search.space import SearchSpace, SpaceOptions
 
     profile = profile_of(get_preset("llava-1.5-7b"))
     cluster = make_cluster("2x24GiB")

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..plan import Plan
-from ..targets import TargetSpec, pipeline_map, pipeline_stages
+from ..plans.plan import Plan
+from ..search.targets import TargetSpec, pipeline_map, pipeline_stages
 from ..atomic import write_text
 
 EXPORT_TARGETS = ("accelerate", "vllm-pp", "torch-pipelining")
@@ -48,7 +48,7 @@ class Export:
 
 def validate_pipeline(plan: Plan, counts, profile, cluster, workload, record: dict | None = None) -> tuple[str, ...]:
     """The checks every pipeline export passes; ExportInvalid names the first that fails."""
-    from ..check import check
+    from ..plans.check import check
 
     L = profile.config.num_layers
     checks = []
@@ -110,8 +110,8 @@ def export_plan(target: str, plan: Plan, profile, cluster, workload, out: Path, 
 
 
 def _export_accelerate(plan: Plan, profile, cluster, workload, out: Path) -> Export:
-    from ..check import check
-    from ..plan import load_plan
+    from ..plans.check import check
+    from ..plans.plan import load_plan
     from .accelerate import export_accelerate
 
     if cluster.n_nodes > 1 and any(cluster.node_of[d] != 0 for d in plan.gpus):

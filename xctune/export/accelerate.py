@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.engines import checkpoint_name
-from ..plan import Plan, write_device_map
+from ..plans.plan import Plan, write_device_map
 
 LOADER = '''"""Load the best map the fast way (written by xctune).
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..models.engines import checkpoint_name, vllm_support
-from ..targets import TargetSpec
+from ..search.targets import TargetSpec
 from ..atomic import write_text
 
 TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

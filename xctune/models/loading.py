@@ -36,7 +36,7 @@ class ModelSpec:
 
     @property
     def profile(self):
-        from ..profile import profile_of
+        from .profile import profile_of
 
         return profile_of(self.config)
 

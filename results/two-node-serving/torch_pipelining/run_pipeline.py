@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 def load_model(plan: dict, args):
     from xctune.models.loading import resolve_model
-    from xctune.profile import DTYPES
+    from xctune.models.profile import DTYPES
 
     spec = resolve_model(args.model or plan["model"], args.trust_remote_code)
     model = spec.load_master(seed=plan.get("weights_seed", 0)).to(DTYPES[plan["dtype"]]).eval()

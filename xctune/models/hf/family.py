@@ -148,7 +148,7 @@ class HFFamily(ModelFamily):
             return self._dry_steps(model, workload, tracker, device, lift)
 
     def _dry_steps(self, model, workload, tracker, device, lift):
-        from ...datadep import real_tensors
+        from ...worlds.datadep import real_tensors
 
         with real_tensors():
             real = self.make_inputs(workload, "cpu")
@@ -297,7 +297,7 @@ def measured_image_tokens(cfg: HFConfig) -> int:
         return 1
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ...datadep import RealShadows, fake_metadata
+    from ...worlds.datadep import RealShadows, fake_metadata
 
     family = HFFamily(cfg)
     tcfg = family.transformers_config

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .errors import BadInput
-from .hardware import Cluster, GPUSpec
+from ..errors import BadInput
+from ..hardware import Cluster, GPUSpec
 
 TARGETS = {
     "accelerate": "one process, one node: accelerate's hooks run the units one after another",
@@ -212,7 +212,7 @@ def serving_estimate(est, target: TargetSpec, plan, profile, workload, tp: Tenso
     decoder layer, of the hidden states of the step), and the KV cache of every request in flight.
     Changes `est` in place and returns it."""
     if tp is not None and tp.size > 1:
-        from .profile import DTYPE_BYTES
+        from ..models.profile import DTYPE_BYTES
 
         cfg = profile.config
         width = DTYPE_BYTES[plan.dtypes["lm"]] * cfg.hidden_size * workload.batch
@@ -298,7 +298,7 @@ def pipeline_map(profile, counts) -> dict:
 
 def pipeline_stages(plan, profile) -> tuple[Stage, ...]:
     """The stages of a plan that a pipeline engine can run; BadInput says what breaks its rules."""
-    from .plan import resolve
+    from ..plans.plan import resolve
 
     res = resolve(plan.device_map, profile)
     dev = {u.name: res.device_of_unit(u.name) for u in profile.units}

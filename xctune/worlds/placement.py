@@ -49,7 +49,7 @@ def require_gpu(device_map: Mapping[str, object]) -> None:
     """
     if main_location(device_map) != "cpu":
         return
-    from .errors import BadInput
+    from ..errors import BadInput
 
     if set(device_map.values()) == {"disk"}:
         raise BadInput(ONLY_DISK)

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .errors import BadInput
-from .hardware import Cluster
-from .plan import Plan, resolve
-from .profile import GROUPS, ModelProfile
+from ..errors import BadInput
+from ..hardware import Cluster
+from ..plans.plan import Plan, resolve
+from ..models.profile import GROUPS, ModelProfile
 from .targets import TargetSpec
 
 

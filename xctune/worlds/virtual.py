@@ -23,9 +23,9 @@ from .build import virtual_model
 from .datadep import RealShadows, fake_metadata
 from .instrument import ROOT, FusedAttention, Location, Move, OpRecorder, Tracker, UnitCall
 from .placement import VirtualWorld, dispatch, fake_friendly_accelerate
-from .plan import Plan
-from .profile import ModelProfile, unit_torch_dtypes
-from .workload import Workload
+from ..plans.plan import Plan
+from ..models.profile import ModelProfile, unit_torch_dtypes
+from ..workload import Workload
 
 @dataclass(frozen=True)
 class Failure:

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from . import vdevice
-from .models import XComposerConfig
-from .models.families import family_of
+from ..models import XComposerConfig
+from ..models.families import family_of
 from .placement import OFFLOAD_TIERS
-from .plan import Plan, resolve
-from .profile import DTYPES, ModelProfile
+from ..plans.plan import Plan, resolve
+from ..models.profile import DTYPES, ModelProfile
 
 def cast_units(model: nn.Module, plan: Plan, profile: ModelProfile) -> nn.Module:
     """Give each unit its group's dtype (on `meta` this costs nothing)."""

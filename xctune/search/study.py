@@ -27,10 +27,10 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import BadInput, shown
+from ..errors import BadInput, shown
 from .space import SpaceOptions
 from .targets import TARGETS, TENSOR_PARALLEL, TargetSpec
-from .workload import Workload
+from ..workload import Workload
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -296,7 +296,7 @@ def find_default_study() -> Path:
     here = Path("studies/default.toml")
     if here.is_file():
         return here
-    packaged = Path(__file__).resolve().parent.parent / "studies" / "default.toml"
+    packaged = Path(__file__).resolve().parents[2] / "studies" / "default.toml"
     if packaged.is_file():
         return packaged
     raise BadInput("no studies/default.toml here; pass --study FILE")

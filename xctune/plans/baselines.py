@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 
-from .errors import BadInput
-from .hardware import Cluster
+from ..errors import BadInput
+from ..hardware import Cluster
 from .plan import Plan, resolve
-from .profile import DTYPES, ModelProfile
+from ..models.profile import DTYPES, ModelProfile
 
 BASELINES = ("authors", "accelerate-sequential", "accelerate-balanced", "single", "vllm-default")
 NO_SPLIT = ["DecoderLayer", "CLIPEncoderLayer"]
@@ -54,7 +54,7 @@ def vllm_default_counts(layers: int, stages: int) -> list[int]:
 
 
 def vllm_default_map(profile: ModelProfile, n_gpus: int) -> dict:
-    from .targets import pipeline_map
+    from ..search.targets import pipeline_map
 
     return pipeline_map(profile, vllm_default_counts(len(profile.layers), n_gpus))
 

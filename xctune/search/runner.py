@@ -26,20 +26,20 @@ from pathlib import Path
 
 import optuna
 
-from .atomic import check_writable
-from .baselines import baseline_plan, has_baseline, repair
-from .costmodel import Efficiency
-from .errors import BadInput
-from .hardware import Cluster, make_cluster
-from .models.loading import resolve_model
-from .plan import Plan
-from .record import TrialRecord
-from .simulate import failed_record, record_from_estimate, simulate
+from ..atomic import check_writable
+from ..plans.baselines import baseline_plan, has_baseline, repair
+from ..worlds.costmodel import Efficiency
+from ..errors import BadInput
+from ..hardware import Cluster, make_cluster
+from ..models.loading import resolve_model
+from ..plans.plan import Plan
+from ..record import TrialRecord
+from ..worlds.simulate import failed_record, record_from_estimate, simulate
 from .space import SearchSpace
 from .storage import mask_url, open_storage
 from .study import MAXIMISED, StudySpec
 from .targets import TensorParallel, serving_estimate, serving_fields, target_cluster, tp_size
-from .trace import InvalidPlan, Trace
+from ..worlds.trace import InvalidPlan, Trace
 from .worker import Worker
 
 OBJECTIVE_FIELD = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes",
@@ -114,11 +114,11 @@ class RealEvaluator(VirtualEvaluator):
     source = "measured"
 
     def __init__(self, spec, profile, cluster, eff, cache_dir, model_spec):
-        from .calibrate import twin_cluster
+        from ..worlds.calibrate import twin_cluster
 
         # the twin sees the budgets as devices; with a calibration, at this machine's measured speed
         super().__init__(spec, profile, twin_cluster(cluster, spec.calibration), eff, cache_dir)
-        from .real import HostExecutor
+        from ..worlds.real import HostExecutor
 
         self.model_spec = model_spec
         self.executor = HostExecutor(model_spec, spec.workload, repeats=spec.repeats, budget=cluster, threads=spec.threads)
@@ -216,7 +216,7 @@ def _directions(spec: StudySpec) -> list[str]:
 def build_cluster(spec: StudySpec) -> Cluster:
     extra = {}
     if spec.calibration:
-        from .calibrate import load_host_device
+        from ..worlds.calibrate import load_host_device
 
         extra["host"] = load_host_device(spec.calibration)
     if not spec.gpus:
@@ -233,7 +233,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     model_spec = resolve_model(spec.model, spec.trust_remote_code, attn=spec.attn)
     if spec.loader != "xctune":
         # optimise for the path users will take: its skip keys in every trial and baseline
-        from .models.loading import loading_path
+        from ..models.loading import loading_path
 
         spec = replace(spec, space=replace(spec.space, skip_keys=loading_path(spec.loader).skip_keys))
     profile = model_spec.profile
@@ -299,7 +299,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     if worker.tally.lost:
         log(f"trial(s) {', '.join(map(str, worker.tally.lost))} went silent for over {spec.liveness.grace} s "
             f"and were queued again by another worker")
-    from .report import collect_rows, pick_best
+    from ..reports.report import collect_rows, pick_best
 
     result.records = collect_rows(study, spec.objectives) + _outside_rows(study)
     pick_best(result, evaluator)
@@ -460,7 +460,7 @@ def _enqueue_virtual_seeds(spec, study, space, evaluator, log) -> int:
     probe says this machine has not changed since. Otherwise no seeds: the baselines and the sampler."""
     if any(t.user_attrs.get("seed") for t in study.trials):
         return 0
-    from .calibrate import twin_trust
+    from ..worlds.calibrate import twin_trust
     from .oracle import rank_plans
 
     trusted, why = twin_trust(spec.calibration, evaluator.model_spec, spec.threads)

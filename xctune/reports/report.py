@@ -16,10 +16,10 @@ from pathlib import Path
 
 import optuna
 
-from .atomic import OutputSet
-from .hardware import GiB
-from .plan import Plan, write_device_map
-from .record import fmt_bytes
+from ..atomic import OutputSet
+from ..hardware import GiB
+from ..plans.plan import Plan, write_device_map
+from ..record import fmt_bytes
 
 FIRST = {"latency": "e2e_ms", "peak_mem": "peak_bytes_max", "transfer": "transfer_bytes", "throughput": "tokens_per_s"}
 
@@ -28,7 +28,7 @@ def better_first(objective: str, value) -> float:
     """A sort key that puts the best value of `objective` first (throughput is maximised)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return math.inf
-    from .study import MAXIMISED
+    from ..search.study import MAXIMISED
 
     return -value if objective in MAXIMISED else value
 
@@ -36,7 +36,7 @@ def better_first(objective: str, value) -> float:
 def layout(plan: Plan, profile) -> str:
     """`emb:0 L0-15:0 L16-31:1 head:1` — a map in one line (root parameters and position tables
     follow the embeddings; they are not shown)."""
-    from .profile import ROLE_SHORT
+    from ..models.profile import ROLE_SHORT
 
     m = plan.device_map
     parts = []
@@ -97,7 +97,7 @@ def collect_rows(study: optuna.Study, objectives) -> list[dict]:
 def pick_best(result, evaluator) -> None:
     """The best feasible trial; in the virtual world it must also pass the full dry run (`check`),
     whose verdict is kept beside the traces: a warm search of the same study does not rerun it."""
-    from .check import check_verdict
+    from ..plans.check import check_verdict
 
     spec = result.spec
     key = FIRST[spec.objectives[0]]
@@ -203,7 +203,7 @@ def write_outputs(result) -> dict[str, Path]:
         files["leaderboard.csv"] = out.path("leaderboard.csv")
         files["leaderboard.md"] = out.write_text("leaderboard.md", _markdown(df, result))
         if result.best_plan is not None:
-            from .export.accelerate import loader_text
+            from ..export.accelerate import loader_text
 
             with out.staged("best_map.json") as tmp:
                 write_device_map(result.best_plan, tmp)
@@ -218,8 +218,8 @@ def write_outputs(result) -> dict[str, Path]:
 def _exports(result, out: Path) -> dict[str, Path]:
     """The files each engine takes (xctune/export): accelerate's loader for an accelerate study;
     vLLM's and torch pipelining's for a pipeline study. Each is validated as it is written."""
-    from .errors import BadInput
-    from .export import ExportInvalid, export_plan
+    from ..errors import BadInput
+    from ..export import ExportInvalid, export_plan
 
     spec = result.spec
     targets = ["vllm-pp", "torch-pipelining"] if spec.target.pipelined else []  # accelerate's: write_outputs

@@ -46,14 +46,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costmodel import Efficiency, link_seconds
-from .hardware import Cluster
-from .placement import main_location
-from .plan import Plan
-from .profile import GROUPS, unit_level_weights
-from .simulate import record_from_estimate
+from ..worlds.costmodel import Efficiency, link_seconds
+from ..hardware import Cluster
+from ..worlds.placement import main_location
+from ..plans.plan import Plan
+from ..models.profile import GROUPS, unit_level_weights
+from ..worlds.simulate import record_from_estimate
 from .space import SearchSpace
-from .trace import MAIN, InvalidPlan, Trace
+from ..worlds.trace import MAIN, InvalidPlan, Trace
 
 MAIN_ROLE, EMBED_ROLE, HEAD_ROLE = 1, 2, 4  # role bits of a GPU's holdings
 ROLE_BITS = (MAIN_ROLE, EMBED_ROLE, HEAD_ROLE)

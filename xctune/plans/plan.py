@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput, shown
-from .profile import DTYPES, GROUPS, ModelProfile
+from ..errors import BadInput, shown
+from ..models.profile import DTYPES, GROUPS, ModelProfile
 
 Device = int | str  # a GPU index, "cpu" or "disk"
 DEFAULT_SKIP_KEYS = ("past_key_values",)
@@ -150,7 +150,7 @@ def load_plan(source, dtype: str | None = None) -> Plan:
 
 def write_device_map(plan: Plan, path: Path) -> None:
     """The product users carry: a bare map, loadable by `from_pretrained(device_map=json.load(f))`."""
-    from .atomic import write_text
+    from ..atomic import write_text
 
     write_text(path, json.dumps(plan.device_map, indent=1) + "\n")
 

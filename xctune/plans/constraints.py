@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from .models.base import Role
+from ..models.base import Role
 from .plan import Plan
-from .profile import ModelProfile, profile_of
-from .virtual import virtual_run
-from .workload import Workload
+from ..models.profile import ModelProfile, profile_of
+from ..worlds.virtual import virtual_run
+from ..workload import Workload
 
 PROBED_ROLES = (Role.VISION_TOWER, Role.PROJECTOR, Role.ROOT_PARAMETER, Role.EMBEDDINGS, Role.HEAD)
 GROUP = "group on other GPU"

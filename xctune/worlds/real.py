@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BadInput
-from .hardware import Cluster
+from ..errors import BadInput
+from ..hardware import Cluster
 from .instrument import FusedAttention, MoveTimer, OpRecorder
-from .models.loading import ModelSpec
+from ..models.loading import ModelSpec
 from .placement import ONLY_DISK, OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
-from .plan import Plan, resolve
-from .check import weight_bytes
-from .profile import DTYPES, unit_torch_dtypes
-from .record import Spread, TrialRecord
+from ..plans.plan import Plan, resolve
+from ..plans.check import weight_bytes
+from ..models.profile import DTYPES, unit_torch_dtypes
+from ..record import Spread, TrialRecord
 from .simulate import dev, failed_record, record_header
 from .virtual import quiet_accelerate, virtual_run
-from .workload import Workload, no_clock
+from ..workload import Workload, no_clock
 
 
 def host_ram_bytes() -> int:

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput, shown
+from ..errors import BadInput, shown
 
 
 @dataclass

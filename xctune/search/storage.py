@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from .errors import BadInput
+from ..errors import BadInput
 
 # the messages of a lost race while creating Optuna's tables or its version rows
 _RACE = re.compile(r"already exists|UniqueViolation|duplicate key|UNIQUE constraint failed|database is locked",

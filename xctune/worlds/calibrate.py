@@ -32,16 +32,16 @@ import numpy as np
 import torch
 
 from .costmodel import DtypeEfficiency, Efficiency
-from .errors import BadInput
-from .hardware import GiB, Cluster, GPUSpec, LinkSpec, make_cluster
-from .models.loading import ModelSpec
-from .plan import Plan
+from ..errors import BadInput
+from ..hardware import GiB, Cluster, GPUSpec, LinkSpec, make_cluster
+from ..models.loading import ModelSpec
+from ..plans.plan import Plan
 from .real import HostExecutor, Prepared, host_ram_bytes, torch_threads
 from .virtual import quiet_accelerate
-from .record import Spread
-from .space import SearchSpace, SpaceOptions
+from ..record import Spread
+from ..search.space import SearchSpace, SpaceOptions
 from .trace import Trace
-from .workload import Workload
+from ..workload import Workload
 
 PHASES = ("vision", "prefill", "decode")
 CALIBRATED_DTYPES = ("fp32", "bf16")  # what the training plans run; fp16 keeps the defaults (slow on most CPUs)
@@ -391,7 +391,7 @@ def rank_agreement(model_spec: ModelSpec, study, calibration_path, n_plans: int 
                    threads: int = 1, cache_dir=None, plans=None) -> Agreement:
     """`n_plans` plans of a real study (those it would measure: not pruned by the memory estimate),
     measured interleaved for `rounds` rounds, ranked by the twin and by the measurement."""
-    from .search import build_cluster
+    from ..search.runner import build_cluster
 
     budgets = build_cluster(study)
     space = SearchSpace(model_spec.profile, budgets, study.space)
@@ -541,7 +541,7 @@ class Calibration:
         return "\n".join(lines)
 
     def save(self, path: Path) -> None:
-        from .atomic import write_text
+        from ..atomic import write_text
 
         write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
@@ -555,7 +555,7 @@ def calibrate(spec: ModelSpec, repeats: int = 5, progress=None, train_set=TRAIN,
         raise BadInput("--repeats must be at least 2 (the spread of the repeats is part of the result)")
     t0 = time.perf_counter()
     if cache_dir is None:
-        from .search import trace_cache_dir
+        from ..search.runner import trace_cache_dir
 
         cache_dir = trace_cache_dir()
     host = measure_host(threads=threads)

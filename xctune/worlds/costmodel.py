@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput
-from .hardware import Cluster, GPUSpec
+from ..errors import BadInput
+from ..hardware import Cluster, GPUSpec
 from .instrument import UnitCall
 
 DECODE_PHASES = ("decode", "decode_last")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from .check import weight_bytes
+from ..plans.check import weight_bytes
 from .costmodel import Efficiency, Estimate, combine, price_calls
-from .hardware import Cluster
+from ..hardware import Cluster
 from .instrument import UnitCall
 from .placement import require_gpu
-from .plan import Plan, resolve
-from .profile import ModelProfile
-from .record import Spread, TrialRecord, software_versions
+from ..plans.plan import Plan, resolve
+from ..models.profile import ModelProfile
+from ..record import Spread, TrialRecord, software_versions
 from .virtual import VirtualRun, virtual_run
-from .workload import Workload
+from ..workload import Workload
 
 
 def estimate_run(run: VirtualRun, plan: Plan, profile: ModelProfile, cluster: Cluster, eff: Efficiency) -> Estimate:

@@ -14,13 +14,13 @@ import difflib
 import json
 from dataclasses import dataclass, field
 
-from .errors import shown
-from .hardware import GiB, Cluster
-from .placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
+from ..errors import shown
+from ..hardware import GiB, Cluster
+from ..worlds.placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
 from .plan import Plan, Resolution, resolve
-from .profile import DTYPE_BYTES, ModelProfile
-from .virtual import VirtualRun, virtual_run
-from .workload import Workload
+from ..models.profile import DTYPE_BYTES, ModelProfile
+from ..worlds.virtual import VirtualRun, virtual_run
+from ..workload import Workload
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def _path_warnings(plan, profile, res) -> list[Finding]:
 
 
 def _paths():
-    from .models.loading import loading_paths
+    from ..models.loading import loading_paths
 
     return loading_paths()
 
@@ -368,7 +368,7 @@ def decode_bytes_by_loader(profile: ModelProfile, plan: Plan, workload: Workload
     where its skip keys are the path's). Simulated, like every dry-run figure."""
     from dataclasses import replace
 
-    from .models.loading import loading_paths
+    from ..models.loading import loading_paths
 
     out = {}
     for name, path in loading_paths().items():
@@ -449,7 +449,7 @@ def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload:
     checked before. The verdict is a pure function of those, as a trace is (trace.py keeps those the same way)."""
     from dataclasses import asdict
 
-    from . import trace_cache
+    from ..worlds import trace_cache
 
     path = key = None
     if cache_dir is not None:

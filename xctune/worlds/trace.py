@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .constraints import offloadable
+from ..plans.constraints import offloadable
 from .costmodel import Efficiency, Estimate, OpTable, combine
-from .hardware import Cluster
-from .errors import BadInput
+from ..hardware import Cluster
+from ..errors import BadInput
 from .placement import OFFLOAD_TIERS, main_location, require_gpu
-from .plan import Plan, resolve
-from .profile import DTYPE_BYTES, GROUPS, ModelProfile, unit_level_weights
+from ..plans.plan import Plan, resolve
+from ..models.profile import DTYPE_BYTES, GROUPS, ModelProfile, unit_level_weights
 from .virtual import VirtualRun, virtual_run
-from .workload import Workload
+from ..workload import Workload
 
 MAIN = "<main>"  # the logical device of the root (top-level code) in a trace
 WIDTH_DTYPE = {4: "fp32", 2: "fp16"}
@@ -133,7 +133,7 @@ class Trace:
         self.seconds += run.seconds
         run.calls = [c for c in run.calls if c.phase != "setup"]
         run.moves = [m for m in run.moves if m.phase != "setup"]
-        from .constraints import confirmed_joins
+        from ..plans.constraints import confirmed_joins
 
         run.joins = confirmed_joins(self.profile, run.joins)
         return self._arrays(run)

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from .instrument import Move, OpCost, UnitCall
-from .plan import Plan
+from ..plans.plan import Plan
 from .virtual import VirtualRun
-from .workload import Workload
+from ..workload import Workload
 
 FORMAT = "xctune-trace/2"  # 2: joins confirmed by dry runs (constraints.confirmed_joins)
 ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|verdict-[0-9a-f]{24}\.json)")
@@ -89,7 +89,7 @@ def load_verdict(path: Path, key: dict) -> dict | None:
 
 
 def save_verdict(path: Path, key: dict, ok: bool, errors: list[str]) -> None:
-    from .atomic import write_text
+    from ..atomic import write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({"key": key, "ok": ok, "errors": errors}))

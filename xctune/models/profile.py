@@ -15,8 +15,8 @@ from functools import cache, cached_property
 
 import torch
 
-from .models.base import LAYER_ROLES, ROLE_GROUP, Role
-from .models.families import family_of
+from .base import LAYER_ROLES, ROLE_GROUP, Role
+from .families import family_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}

@@ -1,0 +1,1 @@
+"""The two tensor worlds one execution path runs in: the virtual one (fake tensors on virtual GPUs, traced once and priced by the cost model) and the real one (measured on this machine), with the placement and instruments they share."""
