@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import field_map, two_gpu_map, write_json
+from conftest import ROOT, field_map, two_gpu_map, write_json
 from xctune.cli import main
 
 
@@ -106,3 +106,12 @@ def test_bench_bad_input(capsys):
     assert code == 2 and "unknown baseline" in err
     code, _, err = run_cli(["bench", "--model", "ixc2-vl-7b", "--baseline", "authors", "--real", "--gpus", "2x24GiB"], capsys)
     assert code == 2 and "RAM" in err
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`xctune presets | head -1`: the pipe closes before xctune writes; it stops quietly with 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "xctune.cli", "presets", "--json"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first byte is written (imports take seconds)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "error" not in err, err

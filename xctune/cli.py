@@ -591,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xctune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`xctune presets | head`): not an error of ours
+        # Python would complain again when it flushes stdout at exit: point it at nothing first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # a bug of ours: one line, the traceback on request
         if os.environ.get("XCTUNE_DEBUG"):
             raise
