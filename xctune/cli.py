@@ -130,10 +130,14 @@ def _emit_json(obj) -> None:
 def cmd_check(args) -> int:
     from .plans.check import check
 
+    from .plans.constraints import constraint_report
+    from .worlds.trace_cache import default_dir
+
     spec = _model(args)
     cluster = _cluster(args)
     plan = _plan_from_args(args, spec.profile, cluster)
-    report = check(plan, spec.profile, cluster, _workload(args))
+    found = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
+    report = check(plan, spec.profile, cluster, _workload(args), found)
     if args.json:
         _emit_json(report.to_dict())
     else:
@@ -376,8 +380,10 @@ def cmd_report(args) -> int:
 def cmd_constraints(args) -> int:
     from .plans.constraints import constraint_report
 
+    from .worlds.trace_cache import default_dir
+
     spec = _model(args)
-    rep = constraint_report(spec.profile)
+    rep = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
     if args.json:
         _emit_json(rep.to_dict())
     else:
