@@ -39,7 +39,8 @@ from xctune.worlds.simulate import simulate
 from xctune.search.study import load_study, with_overrides
 from xctune.worlds.trace import Trace
 from xctune.worlds.virtual import virtual_run
-from xctune.workload import Workload, generate, make_inputs
+from xctune.models.ixc import generate, make_inputs
+from xctune.workload import Workload
 
 FULL = os.environ.get("XCTUNE_BENCH_FULL") == "1"
 ROUNDS = 30 if FULL else 10

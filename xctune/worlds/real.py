@@ -299,7 +299,7 @@ class HostExecutor:
                                  f"the plan uses cuda:{bad[0]}, the budget names {n_logical} device(s)", devices, label)
         if collapsed:
             # Logical devices share one physical device, which forgives what GPUs refuse (a split
-            # co-location group, an offloaded vit). The dry run on virtual GPUs says what GPUs would do.
+            # co-location group, an offloaded vision tower). The dry run on virtual GPUs says what GPUs would do.
             refused = _gpu_refusal(self.profile, plan, self.workload.hd_layout)
             if refused:
                 return failed_record(plan, self.profile, self.workload, "measured", "invalid", refused, devices, label)
