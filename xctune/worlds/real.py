@@ -308,16 +308,7 @@ class HostExecutor:
         try:
             with torch_threads(self.threads), quiet_accelerate():
                 t0 = time.perf_counter()
-                physical = lambda loc: self.world.physical(loc, collapsed) if loc != "disk" else "cpu"  # noqa: E731
-                model = self.master.model_for(plan, self.profile, physical)
-                placed = dispatch(
-                    model,
-                    plan.device_map,
-                    self.world,
-                    skip_keys=plan.skip_keys,
-                    unit_dtypes=unit_torch_dtypes(self.profile, plan) if plan.mixed else None,
-                    collapsed=collapsed,
-                )
+                placed = self.place(plan, collapsed)
                 placement_ms = (time.perf_counter() - t0) * 1e3
                 prepared = Prepared(plan, label, placed, self.inputs(placed.physical_main),
                                     placed.physical_main.startswith("cuda") and not collapsed, devices, placement_ms, {})
@@ -330,6 +321,17 @@ class HostExecutor:
             if placed is not None:
                 undispatch(placed.model)
             return self._failure(plan, devices, label, e)
+
+    def place(self, plan: Plan, collapsed: bool | None = None):
+        """The plan's model on this machine's devices, from the master copy, behind accelerate's hooks
+        plus xctune's counting hooks and, where the plan mixes precisions, the casts between its
+        groups (placement.dispatch): what every trial runs. Offloaded weights start on the CPU
+        (accelerate streams them to the execution device at each call). Undo with `undispatch`."""
+        collapsed = self.world.collapsed_for(plan.device_map) if collapsed is None else collapsed
+        physical = lambda loc: self.world.physical(loc, collapsed) if loc != "disk" else "cpu"  # noqa: E731
+        model = self.master.model_for(plan, self.profile, physical)
+        return dispatch(model, plan.device_map, self.world, skip_keys=plan.skip_keys,
+                        unit_dtypes=unit_torch_dtypes(self.profile, plan) if plan.mixed else None, collapsed=collapsed)
 
     def release(self, prepared: Prepared) -> None:
         undispatch(prepared.placed.model)
