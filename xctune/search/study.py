@@ -1,7 +1,7 @@
 """Study files: what a search runs (model, cluster, workload, space, objectives, trials), in TOML.
 
     name = "default"
-    model = "tiny"                    # a preset or checkpoint directory (default: models/presets.py DEFAULT_MODEL)
+    model = "PRESET"                  # or a checkpoint directory (default: models/presets.py DEFAULT_MODEL)
     trials = 50
     objectives = ["latency"]          # any of latency, peak_mem, transfer, throughput
     attn = "eager"                    # optional: eager | sdpa | flash (default: the checkpoint's)

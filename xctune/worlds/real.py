@@ -27,6 +27,7 @@ from ..errors import BadInput
 from ..hardware import Cluster
 from .instrument import FusedAttention, MoveTimer, OpRecorder
 from ..models.loading import ModelSpec
+from ..models.presets import CALIBRATION_MODEL
 from .placement import ONLY_DISK, OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
 from ..plans.plan import Plan, resolve
 from ..plans.check import weight_bytes
@@ -212,7 +213,8 @@ class HostExecutor:
         if self.spec.checkpoint is None and ram and need > 0.6 * ram:
             raise BadInput(
                 f"measuring {self.spec.source} for real needs its {need / 2**30:.0f} GiB of fp32 weights in RAM "
-                f"({ram / 2**30:.0f} GiB here); use --model tiny, a checkpoint, or the virtual executor (--gpus)"
+                f"({ram / 2**30:.0f} GiB here); use a small model (--model {CALIBRATION_MODEL}), a checkpoint, or the "
+                f"virtual executor (--gpus)"
             )
         if self.repeats < 1 or self.warmup < 0:
             raise BadInput("--repeats must be at least 1 and --warmup at least 0")
