@@ -22,7 +22,8 @@ from xctune.models.loading import loading_paths, resolve_model, save_checkpoint,
 from xctune.plans.plan import Plan, resolve
 from xctune.models.profile import profile_of
 from xctune.worlds.virtual import virtual_run
-from xctune.workload import Workload, generate, make_inputs
+from xctune.models.ixc import generate, make_inputs
+from xctune.workload import Workload
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 VARIANTS = ("ixc2-vl-7b", "ixc2-4khd-7b", "ixc2d5-7b")
@@ -313,7 +314,7 @@ def test_the_authors_2gpu_map_moves_what_their_code_moves():
     T = w.prompt_length(prof.config)
     assert T == 1355
     runs = {name: virtual_run(prof, Plan.uniform(dmap, "fp16", skip_keys=p.skip_keys), w) for name, p in loading_paths().items()}
-    logits = [m for m in runs["xctune"].moves if m.phase == "prefill" and m.kind == "output"]
+    logits = [m for m in runs["xctune"].moves if m.phase == "prefill" and m.kind == "return"]
     assert sum(m.nbytes for m in logits) == 4 * 92544 * T == 501_588_480
     decode = {k: sum(m.nbytes for m in r.moves if m.phase == "decode") for k, r in runs.items()}
     assert 0.07e6 <= decode["xctune"] <= 0.46e6

@@ -1,8 +1,8 @@
 """The co-location rules of a model: the static rule, and what dry runs show is truly required.
 
-The static rule (profile.colocation) is conservative (for the embedded IXC: everything that
-feeds the top-level join of image and text embeddings; for a transformers class: weights tied
-into one tensor). Dry runs probe the parts the field gets wrong — vision tower, projector, root
+The static rule (profile.colocation) is conservative, as the family states it (models/base.py
+`static_colocation`: e.g. everything that feeds a top-level join of image and text embeddings,
+or weights tied into one tensor). Dry runs probe the parts the field gets wrong — vision tower, projector, root
 parameters, token embeddings, head — each moved alone to another GPU and offloaded to the host,
 and the static group moved together off the main GPU. They run on a shrunk twin of the model
 (same code, same flags, small dimensions: the family's `twin()`), so the probes take seconds;
@@ -222,9 +222,9 @@ def _fails_alone(twin_config, unit: str) -> bool:
 
 def offloadable(profile: ModelProfile, unit: str) -> bool:
     """Whether `unit`'s weights may be offloaded (`cpu`), by the dry run of the twin with that unit alone
-    offloaded (the constraint report: Idefics3's and Mllama's vision towers, IXC's `vit` and embeddings read
-    the device of their own weights, `meta` while offloaded). Decoder layers and root parameters are not
-    probed: layers stream their weights like any module, root parameters stay on the main device."""
+    offloaded (the constraint report: a vision tower or embeddings that read the device of their own
+    weights see `meta` while offloaded). Decoder layers and root parameters are not probed: layers
+    stream their weights like any module, root parameters stay on the main device."""
     spec = profile.by_name.get(unit)
     if spec is None or spec.is_parameter or unit in profile.layers:
         return True

@@ -51,7 +51,7 @@ class Move:
     src: Location
     dst: Location
     nbytes: int
-    kind: str  # "input" (a unit's argument), "output" (the root's output sent back), "weights" (offload)
+    kind: str  # "input" (a unit's argument), "return" (the root's result sent back to the caller), "weights" (offload)
     unit: str  # the unit whose hook made the move
 
 
@@ -188,7 +188,7 @@ class MoveCounter(ModelHook):
                     tr.tag(t, self.loc)
         if self.is_root:
             before = len(tr.moves)
-            output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="output", unit=self.unit)
+            output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="return", unit=self.unit)
             tr.timer.start(len(tr.moves) > before)
         tr.exit(self.unit)
         return output

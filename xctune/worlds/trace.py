@@ -164,7 +164,7 @@ class Trace:
 
     def joins_main(self, units, dtype: str) -> bool:
         """Whether a top-level join ties one of `units` to the root's own tensors (the main device):
-        then they must sit on the main GPU (PaliGemma's embeddings, design.md §8). Joins do not depend
+        then they must sit on the main GPU (embeddings indexed by a mask the root made, design.md §8). Joins do not depend
         on widths: the trace of `dtype` answers."""
         probe = Plan({u: 0 for u in self.units}, {g: dtype for g in GROUPS})
         return any(MAIN in locs and set(locs) & set(units) for _, locs, _ in self.recording(probe).run.joins)

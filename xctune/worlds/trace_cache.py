@@ -37,7 +37,7 @@ from ..plans.plan import Plan
 from .virtual import VirtualRun
 from ..workload import Workload
 
-FORMAT = "xctune-trace/2"  # 2: joins confirmed by dry runs (constraints.confirmed_joins)
+FORMAT = "xctune-trace/3"  # 2: joins confirmed by dry runs (constraints.confirmed_joins); 3: move kind "return"
 JSON_KINDS = ("verdict", "constraints")
 ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|(verdict|constraints)-[0-9a-f]{24}\.json)")
 log = logging.getLogger("xctune.cache")
