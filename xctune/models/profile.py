@@ -193,13 +193,42 @@ def unit_torch_dtypes(profile: ModelProfile, plan) -> dict[str, torch.dtype]:
     return {u.name: DTYPES[plan.dtypes[u.group]] for u in profile.units if not u.is_parameter}
 
 
-def unit_level_weights(profile: ModelProfile, placed: dict, dtypes: dict, main) -> dict:
+def tied_copy_bytes(profile: ModelProfile, placed: dict, dtypes: dict) -> dict:
+    """Bytes per device of the copies of tied weights that a pipeline engine makes.
+
+    One tied tensor (a head tied to the token embeddings) is counted once, under the unit that
+    owns it (the first name: `param_numels` lists a shared parameter once). A pipeline engine runs
+    the embeddings on its first stage and the head on its last, and each of those stages holds
+    the tensor (vLLM's last rank computes the logits from its own embedding matrix;
+    torch.distributed.pipelining replicates a parameter that several stages use): every other
+    device that holds a unit using the tensor holds it once more, in that unit's dtype.
+    `placed`: unit -> device.
+    """
+    numel = dict(profile.param_numels)
+    out: dict = {}
+    for group in profile.tied:
+        owner = next((p for p in group if p in numel), None)
+        if owner is None:
+            continue
+        holders = {placed.get(profile.unit_of(owner))}
+        for p in group:
+            unit = profile.unit_of(p)
+            dev = placed.get(unit)
+            if unit not in profile.by_name or dev in holders:
+                continue
+            holders.add(dev)
+            out[dev] = out.get(dev, 0) + numel[owner] * DTYPE_BYTES[dtypes[profile.group_of(unit)]]
+    return out
+
+
+def unit_level_weights(profile: ModelProfile, placed: dict, dtypes: dict, main, tied_copies: bool = False) -> dict:
     """Weight bytes per device for a unit-level map (the fast twin of check.weight_bytes).
 
     Parameters sit where the map puts them (GPU, "cpu", "disk"); buffers on the execution
-    device (the main GPU for offloaded units); root parameters on the main device.
+    device (the main GPU for offloaded units); root parameters on the main device. `tied_copies`:
+    the target engine gives every device that uses a tied weight its own copy (`tied_copy_bytes`).
     """
-    out: dict = {}
+    out: dict = dict(tied_copy_bytes(profile, placed, dtypes)) if tied_copies else {}
     for u in profile.units:
         dtype = dtypes[u.group]
         dev = main if u.is_parameter else placed[u.name]

@@ -18,7 +18,7 @@ from ..errors import shown
 from ..hardware import GiB, Cluster
 from ..worlds.placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
 from .plan import Plan, Resolution, resolve
-from ..models.profile import DTYPE_BYTES, ModelProfile
+from ..models.profile import DTYPE_BYTES, ModelProfile, tied_copy_bytes
 from ..worlds.virtual import VirtualRun, virtual_run
 from ..workload import Workload
 
@@ -46,14 +46,18 @@ def _names(items) -> str:
 # memory: weights per device
 
 
-def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
+def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution, tied_copies: bool = False) -> dict:
     """Bytes of weights per device (GPU index, "cpu", "disk").
 
     Parameters sit where the map puts them; buffers (rotary tables) and root-level parameters
-    stay on the execution device, as accelerate's hooks leave them.
+    stay on the execution device, as accelerate's hooks leave them. `tied_copies`: a pipeline
+    engine's own copy of a tied weight on each other device that uses it (profile.tied_copy_bytes).
     """
     main = main_location(plan.device_map)
     out: dict = {}
+    if tied_copies:
+        placed = {u.name: res.device_of_unit(u.name) for u in profile.units}
+        out.update(tied_copy_bytes(profile, placed, plan.dtypes))
     root = set(profile.root_parameters)
     for name, numel in profile.param_numels:
         dev = res.param_device.get(name)
@@ -78,7 +82,8 @@ def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
 # static rules
 
 
-def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution) -> list[Finding]:
+def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution,
+                    tied_copies: bool = False) -> list[Finding]:
     f: list[Finding] = []
     known = sorted({u.name for u in profile.units} | {n for n, _ in profile.param_numels})
     for key in res.unknown_keys[:5]:
@@ -120,7 +125,7 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
                     f.append(
                         Finding("error", "dtype", f"{group} runs in {dtype} on cuda:{i} ({cluster.gpus[i].name}), which has no {dtype} support")
                     )
-    f += _colocation(plan, profile, res)
+    f += _colocation(plan, profile, res, tied_copies)
     f += _path_warnings(plan, profile, res)
     main = main_location(plan.device_map)
     for p in profile.root_parameters:
@@ -136,10 +141,16 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
     return f
 
 
-def _colocation(plan, profile, res) -> list[Finding]:
-    """The static rule, by where each member *executes* (an offloaded module runs on the main GPU)."""
+def _colocation(plan, profile, res, tied_copies: bool = False) -> list[Finding]:
+    """The static rule, by where each member *executes* (an offloaded module runs on the main GPU).
+    Where the engine copies tied weights (`tied_copies`), the users of a tied tensor other than its
+    owner are free of the rule."""
     main = main_location(plan.device_map)
-    group = [u for u in profile.colocation if u in res.unit_devices]
+    copied = set()
+    if tied_copies:
+        owners = {p for p, _ in profile.param_numels}
+        copied = {profile.unit_of(p) for g in profile.tied for p in g if p not in owners}
+    group = [u for u in profile.colocation if u in res.unit_devices and u not in copied]
     where = {u: res.unit_devices[u] for u in group}
     runs_on = {u: {exec_location(d, main) for d in ds} for u, ds in where.items()}
     if len(set().union(*runs_on.values())) <= 1:
@@ -386,14 +397,17 @@ def decode_bytes_by_loader(profile: ModelProfile, plan: Plan, workload: Workload
 _STRUCTURAL = {"unknown-module", "uncovered", "covered-twice", "unknown-device", "dtype"}
 
 
-def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload) -> CheckReport:
+def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload,
+          tied_copies: bool = False) -> CheckReport:
+    """`tied_copies`: judge the plan as a pipeline engine runs it, each stage that uses a tied weight
+    holding its own copy (search/targets.PlanRules); accelerate keeps one tensor on one device."""
     res = resolve(plan.device_map, profile)
-    findings = static_findings(plan, profile, cluster, res)
+    findings = static_findings(plan, profile, cluster, res, tied_copies)
     report = CheckReport(plan, cluster, workload, findings, profile=profile)
     if any(f.code in _STRUCTURAL for f in findings):
         return report  # accelerate would refuse the map before running anything
     require_gpu(plan.device_map)
-    dr = virtual_run(profile, plan, workload)
+    dr = virtual_run(profile, plan, workload, tied_copies=tied_copies)
     report.dry_run = dr
     static_coloc = any(f.code == "colocation" for f in findings)
     if dr.failure is not None:
@@ -416,7 +430,7 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
         ]
     if dr.ok:
         report.decode_by_loader = decode_bytes_by_loader(profile, plan, workload, dr)
-    weights = weight_bytes(plan, profile, res)
+    weights = weight_bytes(plan, profile, res, tied_copies)
     report.offloaded_bytes = {t: weights[t] for t in OFFLOAD_TIERS if t in weights}
     for i, gpu in enumerate(cluster.gpus):
         act = dr.peak_bytes.get(i, 0) if dr.ok else 0
@@ -444,7 +458,8 @@ class Verdict:
     cached: bool = False
 
 
-def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, cache_dir=None) -> Verdict:
+def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, cache_dir=None,
+                  tied_copies: bool = False) -> Verdict:
     """`check`'s verdict, from `cache_dir` when the same plan, model, cluster, workload and versions were
     checked before. The verdict is a pure function of those, as a trace is (trace.py keeps those the same way)."""
     from dataclasses import asdict
@@ -455,13 +470,14 @@ def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload:
     if cache_dir is not None:
         key = {"format": "xctune-verdict/1", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
                "workload": workload.to_dict(), "cluster": repr(cluster), "plan": plan.to_dict(),
-               "versions": trace_cache.library_versions()}
+               "versions": trace_cache.library_versions(),
+               **({"tied_copies": True} if tied_copies else {})}  # absent otherwise: earlier verdicts stay valid
         key = json.loads(json.dumps(key, sort_keys=True, default=repr))  # as it reads back from the file
         path = trace_cache.verdict_path(cache_dir, key)
         kept = trace_cache.load_verdict(path, key)
         if kept is not None:
             return Verdict(kept["ok"], tuple(kept["errors"]), cached=True)
-    report = check(plan, profile, cluster, workload)
+    report = check(plan, profile, cluster, workload, tied_copies)
     verdict = Verdict(report.ok, tuple(f.message for f in report.errors))
     if path is not None:
         trace_cache.save_verdict(path, key, verdict.ok, list(verdict.errors))
