@@ -61,6 +61,8 @@ def test_a_pipeline_stage_holds_its_own_copy_of_the_tied_weight(pali, trace):
     """accelerate refuses the split (one tensor), a pipeline engine runs it with a copy: the trace and the full
     dry run agree, and both count the embedding matrix on the first and on the last stage."""
     assert pali.tied == ((f"{EMB}.weight", f"{HEAD}.weight"),)
+    (tensor,) = pali.tied_tensors
+    assert (tensor.name, tensor.numel, tensor.owner, tensor.users) == (f"{EMB}.weight", 512 * 64, EMB, (HEAD,))
     cluster = make_cluster("2x0.4MiB")
     plan = Plan.uniform(pipeline_map(pali, [2, 2]), "fp16")
     with pytest.raises(InvalidPlan, match="one tied weight"):
@@ -130,5 +132,22 @@ def test_pipeline_study_ends_with_the_embedding_counted_twice(tmp_path, target):
     for name, path in folder.items():
         doc = json.loads(path.read_text())
         assert doc["validated"] and doc["tied_weight_copies"] == [
-            {"tensors": [f"{EMB}.weight"], "tied_to": [f"{HEAD}.weight"], "stage": 2, "bytes": COPY}], name
+            {"tensor": f"{EMB}.weight", "owner": EMB, "used_by": HEAD, "stage": 2, "bytes": COPY}], name
         assert "its own copy" in (path.parent / "README.md").read_text()
+
+
+def test_check_judges_a_pipeline_map_as_its_target_runs_it(tmp_path, pali, capsys):
+    from xctune.cli import main
+
+    model = tmp_path / "paligemma-twin4"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(_config_data()))
+    dmap = tmp_path / "map.json"
+    dmap.write_text(json.dumps(pipeline_map(pali, [2, 2])))
+    args = ["check", str(dmap), "--model", str(model), "--gpus", "2x0.4MiB", "--dtype", "fp16",
+            "--prompt-tokens", "8", "--new-tokens", "4", "--json"]
+    assert main(args) == 1  # accelerate: one tied tensor cannot be on both GPUs
+    assert "tied tensor" in capsys.readouterr().out
+    assert main([*args, "--target", "vllm-pp"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"]

@@ -49,23 +49,21 @@ class Export:
 def tied_weight_copies(plan: Plan, profile) -> list[dict]:
     """The stages that hold their own copy of a tied weight (the head's stage, of the embedding matrix
     the first stage owns), with the copy's bytes: what the engines load there, and what `check` counts."""
-    from ..models.profile import tied_copy_bytes
+    from ..models.profile import tied_copies
     from ..plans.plan import resolve
 
     res = resolve(plan.device_map, profile)
     placed = {u.name: res.device_of_unit(u.name) for u in profile.units}
-    numel = dict(profile.param_numels)
-    tensors = [p for g in profile.tied for p in g if p in numel]
-    return [{"tensors": tensors, "tied_to": [p for g in profile.tied for p in g if p not in numel],
-             "stage": d, "bytes": n} for d, n in sorted(tied_copy_bytes(profile, placed, plan.dtypes).items())]
+    return [{"tensor": t.name, "owner": t.owner, "used_by": unit, "stage": dev, "bytes": nbytes}
+            for t, unit, dev, nbytes in tied_copies(profile, placed, plan.dtypes)]
 
 
 def copy_statement(copies: list[dict]) -> str:
     """One sentence for an export's README: which stage holds which copy, and what it costs."""
     if not copies:
         return ""
-    parts = [f"stage {c['stage']} holds its own copy of {', '.join(c['tensors'])} (tied to {', '.join(c['tied_to'])}), "
-             f"{c['bytes'] / 2**30:.2f} GiB" for c in copies]
+    parts = [f"stage {c['stage']} holds its own copy of {c['tensor']} for {c['used_by']}, {c['bytes'] / 2**30:.2f} GiB"
+             for c in copies]
     return ("The head's weight is tied to the token embeddings, which the first stage holds: " + "; ".join(parts)
             + ". The engines load it there from the checkpoint's embedding weight; xctune counts it in that stage's "
               "memory (simulated).")

@@ -48,8 +48,12 @@ def _is_transformers(config) -> bool:
 def checkpoint_name(config) -> str:
     """What a user passes to an engine: the hub id of a preset, the user's directory, else a placeholder."""
     if _is_transformers(config):
-        source = config.source.split()[0] if config.source else ""
-        return source or f"/path/to/your/{config.name}-checkpoint"
+        from pathlib import Path
+
+        if config.source and Path(config.source).is_dir():
+            return config.source
+        # a preset's source reads "<hub id> config.json (architecture keys)"
+        return config.source.split()[0] if config.source else f"/path/to/your/{config.name}-checkpoint"
     return PUBLISHED_REPOS.get(config.name, f"/path/to/your/{config.name}-checkpoint")
 
 

@@ -146,10 +146,7 @@ def _colocation(plan, profile, res, tied_copies: bool = False) -> list[Finding]:
     Where the engine copies tied weights (`tied_copies`), the users of a tied tensor other than its
     owner are free of the rule."""
     main = main_location(plan.device_map)
-    copied = set()
-    if tied_copies:
-        owners = {p for p, _ in profile.param_numels}
-        copied = {profile.unit_of(p) for g in profile.tied for p in g if p not in owners}
+    copied = {u for t in profile.tied_tensors for u in t.users} if tied_copies else set()
     group = [u for u in profile.colocation if u in res.unit_devices and u not in copied]
     where = {u: res.unit_devices[u] for u in group}
     runs_on = {u: {exec_location(d, main) for d in ds} for u, ds in where.items()}

@@ -242,17 +242,12 @@ class _Programme:
         # with copies: (role bit of the tensor's owner, role bit of another user, the copy's bytes) per tied user
         self.copies = []
         if rules.tied_copies:
-            numel = dict(o.profile.param_numels)
-            for group in o.profile.tied:
-                owner = next((p for p in group if p in numel), None)
-                if owner is None:
-                    continue
-                own_bit = int(self.role[tr.holder_index[o.profile.unit_of(owner)]])
-                for p in group:
-                    unit = o.profile.unit_of(p)
-                    if unit in tr.holder_index and int(self.role[tr.holder_index[unit]]) != own_bit:
+            for t in o.profile.tied_tensors:
+                own_bit = int(self.role[tr.holder_index[t.owner]])
+                for unit in t.users:
+                    if int(self.role[tr.holder_index[unit]]) != own_bit:
                         width = DTYPE_BYTES[self.t.dtypes[o.profile.group_of(unit)]]  # the copy is in its user's dtype
-                        self.copies.append((own_bit, int(self.role[tr.holder_index[unit]]), numel[owner] * width))
+                        self.copies.append((own_bit, int(self.role[tr.holder_index[unit]]), t.numel * width))
 
     # --- moves: the network's price, minus refunds where both ends share a node or a GPU --------
     def _moves(self):
