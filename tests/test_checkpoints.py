@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xctune.plans.check import check, static_findings
+from xctune.plans.constraints import constraint_report
 from xctune.cli import main
 from xctune.errors import BadInput
 from xctune.hardware import make_cluster
@@ -126,13 +127,14 @@ def test_4khd_gn_maps_get_the_same_verdicts_from_the_config_dir_as_from_the_pres
         plan = Plan.uniform(dmap, "fp16")
         verdicts = []
         for prof in (from_dir, preset):
-            found = static_findings(plan, prof, cluster, resolve(plan.device_map, prof))
+            found = static_findings(plan, prof, cluster, resolve(plan.device_map, prof), constraint_report(prof))
             verdicts.append(sorted((f.level, f.code) for f in found))
         assert verdicts[0] == verdicts[1]
     # accelerate rejects the map without the root parameters; the right one has no error
     bad = check(Plan.uniform(without_gn, "fp16"), from_dir, cluster, Workload())
     assert not bad.ok and any(f.code == "uncovered" and "plora_glb_GN" in f.message for f in bad.errors)
-    good = static_findings(Plan.uniform(with_gn, "fp16"), from_dir, cluster, resolve(with_gn, from_dir))
+    good = static_findings(Plan.uniform(with_gn, "fp16"), from_dir, cluster, resolve(with_gn, from_dir),
+                           constraint_report(from_dir))
     assert not [f for f in good if f.level == "error"]
 
 

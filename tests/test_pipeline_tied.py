@@ -147,7 +147,8 @@ def test_check_judges_a_pipeline_map_as_its_target_runs_it(tmp_path, pali, capsy
     args = ["check", str(dmap), "--model", str(model), "--gpus", "2x0.4MiB", "--dtype", "fp16",
             "--prompt-tokens", "8", "--new-tokens", "4", "--json"]
     assert main(args) == 1  # accelerate: one tied tensor cannot be on both GPUs
-    assert "tied tensor" in capsys.readouterr().out
+    refused = json.loads(capsys.readouterr().out)
+    assert not refused["ok"] and HEAD in json.dumps(refused["findings"])
     assert main([*args, "--target", "vllm-pp"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"]

@@ -130,13 +130,17 @@ def _emit_json(obj) -> None:
 def cmd_check(args) -> int:
     from .plans.check import check
 
+    from .plans.constraints import constraint_report
+    from .worlds.trace_cache import default_dir
+
     spec = _model(args)
     cluster = _cluster(args)
     plan = _plan_from_args(args, spec.profile, cluster)
     from .search.targets import TargetSpec
 
+    found = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
     # a pipeline engine copies a tied weight to the head's stage; accelerate keeps it on one device
-    report = check(plan, spec.profile, cluster, _workload(args), tied_copies=TargetSpec(args.target).rules.tied_copies)
+    report = check(plan, spec.profile, cluster, _workload(args), found, tied_copies=TargetSpec(args.target).rules.tied_copies)
     if args.json:
         _emit_json(report.to_dict())
     else:
@@ -379,8 +383,10 @@ def cmd_report(args) -> int:
 def cmd_constraints(args) -> int:
     from .plans.constraints import constraint_report
 
+    from .worlds.trace_cache import default_dir
+
     spec = _model(args)
-    rep = constraint_report(spec.profile)
+    rep = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
     if args.json:
         _emit_json(rep.to_dict())
     else:

@@ -303,7 +303,7 @@ ORACLE_CLUSTERS = {
 @pytest.fixture(scope="module")
 def vl7b_all_widths():
     """The 7B trace at every element width a mixed fp32/fp16/bf16 space needs (recorded once, cached)."""
-    from xctune.search.runner import trace_cache_dir
+    from xctune.worlds.trace_cache import default_dir as trace_cache_dir
     from xctune.search.space import SearchSpace, SpaceOptions
 
     profile = profile_of(get_config("ixc2-vl-7b"))

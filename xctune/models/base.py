@@ -103,11 +103,6 @@ class ModelFamily(ABC):
         """Keyword arguments / outputs accelerate must not move between devices (the KV cache)."""
         return ("past_key_values",)
 
-    def not_offloadable(self, units: tuple[UnitSpec, ...]) -> tuple[str, ...]:
-        """Units whose weights cannot be offloaded to `cpu`/`disk` (their forward moves its inputs to its
-        own `self.device`, which is `meta` while offloaded), as dry runs found (`xctune constraints`)."""
-        return ()
-
     def published_map(self, units, n_gpus: int) -> dict | None:
         """The family's own published splitting recipe for `n_gpus` GPUs (the authors' helper), as a
         device map over `units` (each has `.name` and `.role`); None where the family publishes none."""

@@ -62,10 +62,6 @@ class IXCFamily(ModelFamily):
     def skip_keys(self) -> tuple[str, ...]:
         return ("past_key_values",)
 
-    def not_offloadable(self, units) -> tuple[str, ...]:
-        # design.md §4: the CLIP tower and the root's first parameter decide `self.device`
-        return ("vit", "model.tok_embeddings")
-
     def published_map(self, units, n_gpus: int) -> dict:
         """The authors' helper (examples/utils.py `auto_configure_device_map` in the InternLM-XComposer
         repo): vision, embeddings and head count as 3 of 38 layer-equivalents, the 32 decoder layers

@@ -73,7 +73,6 @@ class ModelProfile:
     buffer_numels: tuple[tuple[str, int], ...]
     colocation_reason: str = ""
     tied: tuple[tuple[str, ...], ...] = ()  # parameter names that are one tensor
-    not_offloadable: tuple[str, ...] = ()  # units whose weights cannot leave the GPU (models/base.py)
     family: object = field(default=None, compare=False, repr=False)  # models.base.ModelFamily
 
     @cached_property
@@ -206,7 +205,6 @@ def profile_of(config) -> ModelProfile:
         tuple((n, b.numel()) for n, b in model.named_buffers()),
         colocation_reason=coloc.reason if coloc else "",
         tied=family.tied_weights(model),
-        not_offloadable=family.not_offloadable(specs),
         family=family,
     )
 

@@ -555,9 +555,9 @@ def calibrate(spec: ModelSpec, repeats: int = 5, progress=None, train_set=TRAIN,
         raise BadInput("--repeats must be at least 2 (the spread of the repeats is part of the result)")
     t0 = time.perf_counter()
     if cache_dir is None:
-        from ..search.runner import trace_cache_dir
+        from .trace_cache import default_dir
 
-        cache_dir = trace_cache_dir()
+        cache_dir = default_dir()
     host = measure_host(threads=threads)
     train_plans, held_plans = plans or calibration_plans(spec.profile)
     train, test = collect(spec, host, [(train_set, train_plans), (held_out, held_plans)], repeats, threads, cache_dir,
