@@ -30,7 +30,7 @@ from xctune.search.space import SearchSpace, SpaceOptions  # noqa: E402
 from xctune.search.targets import TargetSpec, pipeline_map  # noqa: E402
 from xctune.worlds.costmodel import Efficiency  # noqa: E402
 from xctune.worlds.trace import Trace  # noqa: E402
-from xctune.search.runner import trace_cache_dir  # noqa: E402
+from xctune.worlds.trace_cache import default_dir as trace_cache_dir  # noqa: E402
 from xctune.workload import Workload  # noqa: E402
 
 GiB = 2**30
