@@ -135,8 +135,11 @@ def cmd_check(args) -> int:
     spec = _model(args)
     cluster = _cluster(args)
     plan = _plan_from_args(args, spec.profile, cluster)
+    from .search.targets import TargetSpec
+
     found = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
-    report = check(plan, spec.profile, cluster, _workload(args), found)
+    # a pipeline engine copies a tied weight to the head's stage; accelerate keeps it on one device
+    report = check(plan, spec.profile, cluster, _workload(args), found, tied_copies=TargetSpec(args.target).rules.tied_copies)
     if args.json:
         _emit_json(report.to_dict())
     else:
@@ -447,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_cluster(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="precision of the whole model (default: the plan's, else fp32)")
+    p.add_argument("--target", choices=["accelerate", "vllm-pp", "torch-pipelining"], default="accelerate",
+                   help="the engine that runs the map (default accelerate); a pipeline engine gives the head's stage "
+                        "its own copy of a tied weight")
     _add_workload(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_check)

@@ -46,11 +46,34 @@ class Export:
     checks: tuple[str, ...] = field(default=())  # what was validated, in words
 
 
+def tied_weight_copies(plan: Plan, profile) -> list[dict]:
+    """The stages that hold their own copy of a tied weight (the head's stage, of the embedding matrix
+    the first stage owns), with the copy's bytes: what the engines load there, and what `check` counts."""
+    from ..models.profile import tied_copies
+    from ..plans.plan import resolve
+
+    res = resolve(plan.device_map, profile)
+    placed = {u.name: res.device_of_unit(u.name) for u in profile.units}
+    return [{"tensor": t.name, "owner": t.owner, "used_by": unit, "stage": dev, "bytes": nbytes}
+            for t, unit, dev, nbytes in tied_copies(profile, placed, plan.dtypes)]
+
+
+def copy_statement(copies: list[dict]) -> str:
+    """One sentence for an export's README: which stage holds which copy, and what it costs."""
+    if not copies:
+        return ""
+    parts = [f"stage {c['stage']} holds its own copy of {c['tensor']} for {c['used_by']}, {c['bytes'] / 2**30:.2f} GiB"
+             for c in copies]
+    return ("The head's weight is tied to the token embeddings, which the first stage holds: " + "; ".join(parts)
+            + ". The engines load it there from the checkpoint's embedding weight; xctune counts it in that stage's "
+              "memory (simulated).")
+
+
 def validate_pipeline(plan: Plan, counts, profile, cluster, workload, record: dict | None = None) -> tuple[str, ...]:
     """The checks every pipeline export passes; ExportInvalid names the first that fails."""
     from ..plans.check import check
 
-    L = profile.config.num_layers
+    L = len(profile.layers)
     checks = []
     if len(counts) < 1 or min(counts) < 1 or sum(counts) != L:
         raise ExportInvalid(f"partition {list(counts)}: needs >= 1 layer per stage and {L} in all")
@@ -60,7 +83,8 @@ def validate_pipeline(plan: Plan, counts, profile, cluster, workload, record: di
         raise ExportInvalid("the partition does not rebuild the plan it was written from")
     checks.append("round trip: the written partition rebuilds the plan's device map exactly")
     key = (back.plan_id, profile.config, cluster, workload)
-    report = _JUDGED.get(key) or check(back, profile, cluster, workload)
+    # as the engines run it: a tied head's stage holds its own copy of the tensor (targets.PIPELINE_RULES)
+    report = _JUDGED.get(key) or check(back, profile, cluster, workload, tied_copies=True)
     _JUDGED[key] = report  # the vLLM and torch exports of one plan round-trip into the same plan: one dry run
     if not report.ok:
         raise ExportInvalid("xctune check rejects the round-tripped plan: " + "; ".join(f.message for f in report.errors))

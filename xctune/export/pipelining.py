@@ -17,9 +17,10 @@ from ..atomic import write_text
 
 
 def export_torch_pipelining(plan, stages, profile, cluster, workload, out: Path):
-    from . import Export
+    from . import Export, copy_statement, tied_weight_copies
 
     cfg = profile.config
+    copies = tied_weight_copies(plan, profile)
     support = torch_pipelining_support(cfg)
     folder = Path(out) / "torch_pipelining"
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,8 @@ def export_torch_pipelining(plan, stages, profile, cluster, workload, out: Path)
                    for s in stages],
         "workload": workload.to_dict(),
         "statement": support.statement,
+        # torch.distributed.pipelining replicates a parameter several stages use (MultiUseParameterConfig.REPLICATE)
+        "tied_weight_copies": copies,
         "plan": plan.to_dict(),
     }
     write_text(files["plan"], json.dumps(doc, indent=1) + "\n")
@@ -54,6 +57,8 @@ def export_torch_pipelining(plan, stages, profile, cluster, workload, out: Path)
         "Split points (`split_spec.json`, `SplitPoint.BEGINNING` of each named layer):", "",
         *[f"- stage {s.device} (node {cluster.node_of[s.device]}): decoder layers {s.first_layer}-{s.first_layer + s.layers - 1}"
           for s in stages], "",
+        *([copy_statement(copies) + " torch.distributed.pipelining does the same by default: a parameter used by "
+           "several stages is replicated into each (`MultiUseParameterConfig.REPLICATE`).", ""] if copies else []),
         f"Run on the cluster: `{launch}` (the model is `--model PRESET_OR_CHECKPOINT_DIR`, default `{cfg.name}`).",
         f"Try it on one machine's CPU: `python run_pipeline.py --nproc {n} --cpu`; `--reference` runs the same greedy loop "
         "in one process for comparison. Both need xctune importable (the model's code).", "",

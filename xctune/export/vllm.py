@@ -36,9 +36,10 @@ def _stage_lines(stages, profile, cluster, tp_size: int, node_of) -> list[str]:
 
 
 def export_vllm(plan, stages, profile, cluster, workload, out: Path, *, serving: TargetSpec, tp_size: int = 1):
-    from . import Export
+    from . import Export, copy_statement, tied_weight_copies
 
     cfg = profile.config
+    copies = tied_weight_copies(plan, profile)
     support = vllm_support(cfg)
     folder = Path(out) / "vllm"
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,8 @@ def export_vllm(plan, stages, profile, cluster, workload, out: Path, *, serving:
         "tensor_parallel_size": tp_size,
         "dtype": dtype,
         "requests_in_flight": serving.requests_in_flight,
+        # nothing to set for vLLM: its last rank holds the embedding matrix its logits read (models/engines.py)
+        "tied_weight_copies": copies,
         "stages": [{"stage": s.device, "node": node_of[s.device], "first_layer": s.first_layer, "layers": s.layers}
                    for s in stages],
         "plan": plan.to_dict(),
@@ -106,6 +109,8 @@ def export_vllm(plan, stages, profile, cluster, workload, out: Path, *, serving:
     readme += [("**Supported.** " if support.supported else "**Not supported by vLLM today.** ") + support.statement, ""]
     readme += ["Stages (vLLM fixes the vision encoder, projector and embeddings on the first stage, the head on the last):", ""]
     readme += [f"- {line}" for line in stage_lines] + [""]
+    if copies:
+        readme += [copy_statement(copies) + " vLLM needs no setting for it.", ""]
     readme += [f"Run: `./launch_vllm.sh` (sets `VLLM_PP_LAYER_PARTITION={partition}`, "
                f"`--pipeline-parallel-size {pp} --tensor-parallel-size {tp_size}`).", ""]
     write_text(files["README.md"], "\n".join(readme))

@@ -1,10 +1,17 @@
-"""What the serving engines know of this model family: the one place exports ask.
+"""What the serving engines know of each model family: the one place exports ask.
 
 vLLM (checked against its model registry, vllm/model_executor/models/registry.py, 2026-12-01):
 it implements the text-only `InternLM2ForCausalLM` (and `InternLM2VEForCausalLM`), not
 `InternLMXComposer2ForCausalLM`: no CLIP tower, no projector, no Partial-LoRA branches. An
 IXC2 checkpoint does not load in vLLM, so a vLLM export for it is written and validated (the
 partition is what vLLM would take) but says plainly that it will not run.
+
+transformers classes (the same registry, read 2026-12-02 at commit 0002bff0): `_MULTIMODAL_MODELS`
+maps LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL (native class, to `interns1`), Idefics3,
+PaliGemma and Gemma 3 to vLLM implementations; `MllamaForConditionalGeneration` is in
+`_PREVIOUSLY_SUPPORTED_MODELS` (last in vLLM 0.10.2). The exports' torch pipelining runner
+(run_pipeline.py) builds the embedded InternLM-XComposer only: for a transformers class its
+split points are written and validated, and its README says how to build the stages.
 """
 
 from __future__ import annotations
@@ -24,12 +31,43 @@ class EngineSupport:
     statement: str  # one paragraph for the export's README
 
 
-def checkpoint_name(config: XComposerConfig) -> str:
-    """What a user passes to an engine: the hub id of a preset, else a placeholder to fill in."""
+# transformers architectures vLLM's registry implements (see the module docstring)
+VLLM_ARCHITECTURES = frozenset({
+    "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration", "Idefics3ForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration", "Gemma3ForConditionalGeneration",
+})
+
+
+def _is_transformers(config) -> bool:
+    from .hf.config import HFConfig
+
+    return isinstance(config, HFConfig)
+
+
+def checkpoint_name(config) -> str:
+    """What a user passes to an engine: the hub id of a preset, the user's directory, else a placeholder."""
+    if _is_transformers(config):
+        from pathlib import Path
+
+        if config.source and Path(config.source).is_dir():
+            return config.source
+        # a preset's source reads "<hub id> config.json (architecture keys)"
+        return config.source.split()[0] if config.source else f"/path/to/your/{config.name}-checkpoint"
     return PUBLISHED_REPOS.get(config.name, f"/path/to/your/{config.name}-checkpoint")
 
 
-def vllm_support(config: XComposerConfig) -> EngineSupport:
+def vllm_support(config) -> EngineSupport:
+    if _is_transformers(config):
+        arch = config.architecture
+        if arch in VLLM_ARCHITECTURES and not config.remote:
+            return EngineSupport("vllm", True, arch, f"vLLM implements {arch} (its model registry), with pipeline "
+                                 f"parallelism: the partition below is what it takes.")
+        why = ("the directory's own remote-code class is not what vLLM's registry implements" if config.remote
+               else f"vLLM's model registry does not implement {arch} today")
+        return EngineSupport("vllm", False, arch, f"vLLM does not support {config.name}: {why}. The partition and "
+                             f"command below are what vLLM's pipeline parallelism takes; a plan that stays on one node "
+                             f"also runs with accelerate (best_map.json).")
     arch = "InternLMXComposer2ForCausalLM"
     return EngineSupport(
         "vllm",
@@ -44,7 +82,18 @@ def vllm_support(config: XComposerConfig) -> EngineSupport:
     )
 
 
-def torch_pipelining_support(config: XComposerConfig) -> EngineSupport:
+def torch_pipelining_support(config) -> EngineSupport:
+    if _is_transformers(config):
+        return EngineSupport(
+            "torch-pipelining",
+            False,
+            config.architecture,
+            f"split_spec.json names the decoder layers of transformers' {config.architecture} as its module tree "
+            f"has them; torch.distributed.pipelining cuts the language model there (`pipeline(model, mb_args, "
+            f"split_spec=...)` on the text model, inputs_embeds -> logits, the vision tower, projector and "
+            f"embeddings run on the first rank before it). The runner written beside it (run_pipeline.py) builds "
+            f"the embedded InternLM-XComposer only: for {config.name} build the stages with those calls yourself.",
+        )
     return EngineSupport(
         "torch-pipelining",
         True,

@@ -53,6 +53,16 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class TiedTensor:
+    """One tensor under several parameter names (a head tied to the token embeddings)."""
+
+    name: str  # the name the profile counts it under (`param_numels` lists a shared parameter once)
+    numel: int
+    owner: str  # the unit of that name
+    users: tuple[str, ...]  # the other units whose parameters are this tensor
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     config: object  # the family's config (XComposerConfig, HFConfig): frozen, hashable
     units: tuple[Unit, ...]
@@ -103,6 +113,19 @@ class ModelProfile:
     def head_tied_to_embeddings(self) -> bool:
         """Whether the static rule (tied weights) binds the head group to the embedding group."""
         return bool(set(self.colocation) & set(self.head)) and bool(set(self.colocation) & set(self.embed_group))
+
+    @cached_property
+    def tied_tensors(self) -> tuple[TiedTensor, ...]:
+        numel = dict(self.param_numels)
+        out = []
+        for group in self.tied:
+            name = next((p for p in group if p in numel), None)
+            if name is None:
+                continue
+            owner = self.unit_of(name)
+            users = tuple(dict.fromkeys(u for u in map(self.unit_of, group) if u != owner and u in self.by_name))
+            out.append(TiedTensor(name, numel[name], owner, users))
+        return tuple(out)
 
     @property
     def embeddings(self) -> str:
@@ -186,13 +209,42 @@ def unit_torch_dtypes(profile: ModelProfile, plan) -> dict[str, torch.dtype]:
     return {u.name: DTYPES[plan.dtypes[u.group]] for u in profile.units if not u.is_parameter}
 
 
-def unit_level_weights(profile: ModelProfile, placed: dict, dtypes: dict, main) -> dict:
+def tied_copies(profile: ModelProfile, placed: dict, dtypes: dict) -> list[tuple[TiedTensor, str, object, int]]:
+    """The copies of tied weights a pipeline engine makes: (tensor, the unit that uses it, device, bytes).
+
+    A tied tensor is counted once, under its owner's unit (`TiedTensor`). A pipeline engine runs the
+    embeddings on its first stage and the head on its last, and each of those stages holds the
+    tensor (vLLM's last rank computes the logits from its own embedding matrix;
+    torch.distributed.pipelining replicates a parameter that several stages use): every other device
+    that holds a unit using the tensor holds it once more, in that unit's dtype. `placed`: unit -> device.
+    """
+    out = []
+    for t in profile.tied_tensors:
+        holders = {placed.get(t.owner)}
+        for unit in t.users:
+            dev = placed.get(unit)
+            if dev not in holders:
+                holders.add(dev)
+                out.append((t, unit, dev, t.numel * DTYPE_BYTES[dtypes[profile.group_of(unit)]]))
+    return out
+
+
+def tied_copy_bytes(profile: ModelProfile, placed: dict, dtypes: dict) -> dict:
+    """Bytes per device of the copies of tied weights that a pipeline engine makes (`tied_copies`)."""
+    out: dict = {}
+    for _, _, dev, nbytes in tied_copies(profile, placed, dtypes):
+        out[dev] = out.get(dev, 0) + nbytes
+    return out
+
+
+def unit_level_weights(profile: ModelProfile, placed: dict, dtypes: dict, main, tied_copies: bool = False) -> dict:
     """Weight bytes per device for a unit-level map (the fast twin of check.weight_bytes).
 
     Parameters sit where the map puts them (GPU, "cpu", "disk"); buffers on the execution
-    device (the main GPU for offloaded units); root parameters on the main device.
+    device (the main GPU for offloaded units); root parameters on the main device. `tied_copies`:
+    the target engine gives every device that uses a tied weight its own copy (`tied_copy_bytes`).
     """
-    out: dict = {}
+    out: dict = dict(tied_copy_bytes(profile, placed, dtypes)) if tied_copies else {}
     for u in profile.units:
         dtype = dtypes[u.group]
         dev = main if u.is_parameter else placed[u.name]

@@ -19,7 +19,7 @@ from ..hardware import GiB, Cluster
 from ..worlds.placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
 from . import constraints
 from .plan import Plan, Resolution, resolve
-from ..models.profile import DTYPE_BYTES, ModelProfile
+from ..models.profile import DTYPE_BYTES, ModelProfile, tied_copy_bytes
 from ..worlds.virtual import VirtualRun, virtual_run
 from ..workload import Workload
 
@@ -47,14 +47,18 @@ def _names(items) -> str:
 # memory: weights per device
 
 
-def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
+def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution, tied_copies: bool = False) -> dict:
     """Bytes of weights per device (GPU index, "cpu", "disk").
 
     Parameters sit where the map puts them; buffers (rotary tables) and root-level parameters
-    stay on the execution device, as accelerate's hooks leave them.
+    stay on the execution device, as accelerate's hooks leave them. `tied_copies`: a pipeline
+    engine's own copy of a tied weight on each other device that uses it (profile.tied_copy_bytes).
     """
     main = main_location(plan.device_map)
     out: dict = {}
+    if tied_copies:
+        placed = {u.name: res.device_of_unit(u.name) for u in profile.units}
+        out.update(tied_copy_bytes(profile, placed, plan.dtypes))
     root = set(profile.root_parameters)
     for name, numel in profile.param_numels:
         dev = res.param_device.get(name)
@@ -79,8 +83,10 @@ def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
 # static rules
 
 
-def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution, found) -> list[Finding]:
-    """Structural rules, then the rules `found` (constraints.ConstraintReport) discovered by dry runs."""
+def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution, found,
+                    tied_copies: bool = False) -> list[Finding]:
+    """Structural rules, then the rules `found` (constraints.ConstraintReport) discovered by dry runs.
+    `tied_copies`: as a pipeline engine runs the plan (a tied weight copied to each stage that uses it)."""
     f: list[Finding] = []
     known = sorted({u.name for u in profile.units} | {n for n, _ in profile.param_numels})
     for key in res.unknown_keys[:5]:
@@ -123,7 +129,7 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
                         Finding("error", "dtype", f"{group} runs in {dtype} on cuda:{i} ({cluster.gpus[i].name}), which has no {dtype} support")
                     )
     if not any(x.code in _STRUCTURAL for x in f):
-        f += _discovered(plan, profile, res, found)
+        f += _discovered(plan, profile, res, found, tied_copies)
     f += _path_warnings(plan, profile, res)
     main = main_location(plan.device_map)
     for p in profile.root_parameters:
@@ -142,13 +148,16 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
 DISCOVERED = ("colocation", "main-gpu", "not-offloadable")  # the codes of the rules dry runs discovered
 
 
-def _discovered(plan, profile, res, found) -> list[Finding]:
+def _discovered(plan, profile, res, found, tied_copies: bool = False) -> list[Finding]:
     """The rules dry runs of the model's twin discovered (constraints.py), by where each unit *executes*
     (an offloaded module runs on the main GPU): units that fail when moved alone share one device;
-    units that fail off the main GPU sit there; units that fail offloaded stay on a GPU."""
+    units that fail off the main GPU sit there; units that fail offloaded stay on a GPU. Where the
+    engine copies tied weights (`tied_copies`), the users of a tied tensor other than its owner (a
+    tied head) are free of the first two: what bound them there was the one tensor."""
     main = main_location(plan.device_map)
     out = []
-    group = [u for u in found.required_together if u in res.unit_devices]
+    copied = {u for t in profile.tied_tensors for u in t.users} if tied_copies else set()
+    group = [u for u in found.required_together if u in res.unit_devices and u not in copied]
     where = {u: res.unit_devices[u] for u in group}
     runs_on = {u: {exec_location(d, main) for d in ds} for u, ds in where.items()}
     if group and len(set().union(*runs_on.values())) > 1:
@@ -161,7 +170,7 @@ def _discovered(plan, profile, res, found) -> list[Finding]:
             "error", "colocation",
             f"co-location group split across devices: {placed}; dry runs of the model's twin fail when "
             f"{group[0]} alone moves ({found.cause(group[0], 'other GPU')}). Repair: put {_names(movers)} on {dev_name(anchor)}"))
-    off_main = [u for u in found.main_gpu if u in res.unit_devices
+    off_main = [u for u in found.main_gpu if u in res.unit_devices and u not in copied
                 and {exec_location(d, main) for d in res.unit_devices[u]} != {main}]
     if off_main:
         out.append(Finding(
@@ -405,21 +414,24 @@ def decode_bytes_by_loader(profile: ModelProfile, plan: Plan, workload: Workload
 _STRUCTURAL = {"unknown-module", "uncovered", "covered-twice", "unknown-device", "dtype"}
 
 
-def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, found=None) -> CheckReport:
+def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, found=None,
+          tied_copies: bool = False) -> CheckReport:
     """`found`: the model's discovered constraints (constraints.constraint_report); by default read from
-    the cache, or discovered by dry runs of the model's twin the first time."""
+    the cache, or discovered by dry runs of the model's twin the first time. `tied_copies`: judge the plan
+    as a pipeline engine runs it, each stage that uses a tied weight holding its own copy
+    (search/targets.PlanRules); accelerate keeps one tensor on one device."""
     if found is None:
         from .constraints import constraint_report
         from ..worlds.trace_cache import default_dir
 
         found = constraint_report(profile, default_dir())
     res = resolve(plan.device_map, profile)
-    findings = static_findings(plan, profile, cluster, res, found)
+    findings = static_findings(plan, profile, cluster, res, found, tied_copies)
     report = CheckReport(plan, cluster, workload, findings, profile=profile)
     if any(f.code in _STRUCTURAL for f in findings):
         return report  # accelerate would refuse the map before running anything
     require_gpu(plan.device_map)
-    dr = virtual_run(profile, plan, workload)
+    dr = virtual_run(profile, plan, workload, tied_copies=tied_copies)
     report.dry_run = dr
     predicted = [f for f in findings if f.code in DISCOVERED]
     if dr.failure is not None:
@@ -437,7 +449,7 @@ def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workloa
                        if f in predicted else f for f in findings]
     if dr.ok:
         report.decode_by_loader = decode_bytes_by_loader(profile, plan, workload, dr)
-    weights = weight_bytes(plan, profile, res)
+    weights = weight_bytes(plan, profile, res, tied_copies)
     report.offloaded_bytes = {t: weights[t] for t in OFFLOAD_TIERS if t in weights}
     for i, gpu in enumerate(cluster.gpus):
         act = dr.peak_bytes.get(i, 0) if dr.ok else 0
@@ -465,7 +477,8 @@ class Verdict:
     cached: bool = False
 
 
-def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, cache_dir=None) -> Verdict:
+def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, cache_dir=None,
+                  tied_copies: bool = False) -> Verdict:
     """`check`'s verdict, from `cache_dir` when the same plan, model, cluster, workload and versions were
     checked before. The verdict is a pure function of those, as a trace is (trace.py keeps those the same way)."""
     from dataclasses import asdict
@@ -476,7 +489,8 @@ def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload:
     if cache_dir is not None:
         key = {"format": "xctune-verdict/2", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
                "workload": workload.to_dict(), "cluster": repr(cluster), "plan": plan.to_dict(),
-               "versions": trace_cache.library_versions()}
+               "versions": trace_cache.library_versions(),
+               **({"tied_copies": True} if tied_copies else {})}  # absent otherwise: earlier verdicts stay valid
         key = json.loads(json.dumps(key, sort_keys=True, default=repr))  # as it reads back from the file
         path = trace_cache.json_entry_path(cache_dir, "verdict", key)
         kept = trace_cache.load_json_entry(path, key)
@@ -485,7 +499,7 @@ def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload:
                 return Verdict(bool(kept["ok"]), tuple(str(e) for e in kept["errors"]), cached=True)
             except (KeyError, TypeError):
                 pass  # an entry of the right key but not a verdict's shape: checked again, written over
-    report = check(plan, profile, cluster, workload)
+    report = check(plan, profile, cluster, workload, tied_copies=tied_copies)
     verdict = Verdict(report.ok, tuple(f.message for f in report.errors))
     if path is not None:
         trace_cache.save_json_entry(path, key, {"ok": verdict.ok, "errors": list(verdict.errors)})

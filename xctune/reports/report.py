@@ -115,7 +115,8 @@ def pick_best(result, evaluator) -> None:
         if spec.real:
             result.best, result.best_plan, result.verified = r, plan, "measured on this machine"
             return
-        verdict = check_verdict(plan, result.profile, result.cluster, spec.workload, evaluator.trace.cache_dir)
+        verdict = check_verdict(plan, result.profile, result.cluster, spec.workload, evaluator.trace.cache_dir,
+                                tied_copies=spec.target.rules.tied_copies)
         if verdict.ok:
             result.best, result.best_plan = r, plan
             result.verified = "passes xctune check (static rules + dry run on virtual GPUs" + \

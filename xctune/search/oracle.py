@@ -34,7 +34,10 @@ A target's rules (`space.rules`, targets.PlanRules) narrow what the programme ma
 three places only: moves of `rules.free_move_kinds` are not priced (`_DtypeTables`), a GPU's run
 holds at least `rules.min_layers` layers (`step_costs`), and `rules.first_and_last` makes the
 walk a pipeline (`_gpu`): GPU 0 holds the main and embedding roles, the GPUs used follow each
-other without a gap, and the head's GPU is the last one used.
+other without a gap, and the head's GPU is the last one used. And in one place it widens it:
+with `rules.tied_copies` a head tied to the embeddings is not joined to them (`_roles`); a GPU
+holding the head role without the embedding role then holds its own copy of the tied tensor
+(`need`), as `Trace.weights` counts it.
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ import numpy as np
 
 from ..worlds.costmodel import Efficiency, link_seconds
 from ..hardware import Cluster
-from ..worlds.placement import main_location
 from ..plans.plan import Plan
-from ..models.profile import GROUPS, unit_level_weights
+from ..models.profile import DTYPE_BYTES, GROUPS
 from ..worlds.simulate import record_from_estimate
 from .space import SearchSpace
+from .targets import PlanRules
 from ..worlds.trace import MAIN, InvalidPlan, Trace
 
 MAIN_ROLE, EMBED_ROLE, HEAD_ROLE = 1, 2, 4  # role bits of a GPU's holdings
@@ -233,8 +236,18 @@ class _Programme:
                 bits |= int(self.role[h])
             if bin(bits).count("1") > 1:
                 self.joined.append(bits)
-        if o.space.head_with_embed and not o.space.rules.first_and_last:
+        rules = o.space.rules
+        if o.space.head_with_embed and not rules.tied_copies:
             self.joined.append(EMBED_ROLE | HEAD_ROLE)  # one tied tensor: accelerate keeps it on one device
+        # with copies: (role bit of the tensor's owner, role bit of another user, the copy's bytes) per tied user
+        self.copies = []
+        if rules.tied_copies:
+            for t in o.profile.tied_tensors:
+                own_bit = int(self.role[tr.holder_index[t.owner]])
+                for unit in t.users:
+                    if int(self.role[tr.holder_index[unit]]) != own_bit:
+                        width = DTYPE_BYTES[self.t.dtypes[o.profile.group_of(unit)]]  # the copy is in its user's dtype
+                        self.copies.append((own_bit, int(self.role[tr.holder_index[unit]]), t.numel * width))
 
     # --- moves: the network's price, minus refunds where both ends share a node or a GPU --------
     def _moves(self):
@@ -371,6 +384,9 @@ class _Programme:
             if here[h]:
                 p, buf = self.t.unit_bytes[u.name]
                 fixed += buf + (0 if self.offloaded[h] else p)
+        for own_bit, user_bit, nbytes in self.copies:  # a tied tensor's copy where a user sits without its owner
+            if R & user_bit and not R & own_bit:
+                fixed += nbytes
         layer_w = np.array([sum(self.t.unit_bytes[u]) for u in o.profile.layers], dtype=np.float64)
         cum_w = np.concatenate([[0.0], np.cumsum(layer_w)])
         weights = fixed + cum_w[None, :] - cum_w[:, None]
@@ -491,14 +507,14 @@ class _Programme:
         return walk
 
 
-def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency, free_move_kinds=()) -> float | None:
-    """End-to-end seconds of a plan that runs and fits, else None (the verdict a search trial gets)."""
+def feasible_e2e(trace: Trace, plan: Plan, cluster: Cluster, eff: Efficiency, rules: PlanRules = PlanRules()) -> float | None:
+    """End-to-end seconds of a plan that runs and fits under the target's rules, else None (the verdict a
+    search trial gets)."""
     try:
-        est = trace.evaluate(plan, cluster, eff, free_move_kinds)
+        est = trace.evaluate(plan, cluster, eff, rules.free_move_kinds, rules.tied_copies)
     except InvalidPlan:
         return None
-    placed = trace.unit_devices(plan)
-    weights = unit_level_weights(trace.profile, placed, plan.dtypes, main_location(placed))
+    weights = trace.weights(plan, rules.tied_copies)
     return est.e2e_s if record_from_estimate(est, plan, trace.profile, cluster, trace.workload, weights).ok else None
 
 
@@ -520,7 +536,7 @@ def brute_force(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficie
                                 continue
                             plan = space.build(list(counts), e, h, dtypes, k, tier, proj)
                             count += 1
-                            e2e = feasible_e2e(trace, plan, cluster, eff, space.rules.free_move_kinds)
+                            e2e = feasible_e2e(trace, plan, cluster, eff, space.rules)
                             if e2e is not None and e2e < best:
                                 best, best_plan = e2e, plan
     return Optimum(best_plan, best * 1e3, count, time.perf_counter() - t0)
@@ -573,7 +589,7 @@ def rank_plans(trace: Trace, space: SearchSpace, cluster: Cluster, eff: Efficien
     scored = {}
     for dtypes, n, (kk, tier, proj), counts, e, h in candidates:
         plan = space.build(list(counts), e, h, dtypes, kk, tier, proj)
-        e2e = feasible_e2e(trace, plan, cluster, eff, space.rules.free_move_kinds)
+        e2e = feasible_e2e(trace, plan, cluster, eff, space.rules)
         if e2e is not None:
             scored.setdefault(plan.plan_id, (e2e, plan))
     return [p for _, p in sorted(scored.values(), key=lambda x: x[0])[:k]]

@@ -84,7 +84,8 @@ class VirtualEvaluator:
 
     def estimate(self, plan: Plan):
         """The plan as the study's target runs it (targets.py); InvalidPlan if it cannot run."""
-        est = self.trace.evaluate(plan, self.cluster, self.eff, self.target.rules.free_move_kinds)
+        rules = self.target.rules
+        est = self.trace.evaluate(plan, self.cluster, self.eff, rules.free_move_kinds, rules.tied_copies)
         return serving_estimate(est, self.target, plan, self.profile, self.spec.workload, self.tp)
 
     def __call__(self, plan: Plan, label: str) -> TrialRecord:
@@ -93,7 +94,8 @@ class VirtualEvaluator:
         except InvalidPlan as e:
             devices = {f"cuda:{i}": g.name for i, g in enumerate(self.cluster.gpus)}
             return failed_record(plan, self.profile, self.spec.workload, "simulated", "invalid", str(e), devices, label)
-        rec = record_from_estimate(est, plan, self.profile, self.cluster, self.spec.workload, self.trace.weights(plan), label=label)
+        weights = self.trace.weights(plan, self.target.rules.tied_copies)
+        rec = record_from_estimate(est, plan, self.profile, self.cluster, self.spec.workload, weights, label=label)
         return replace(rec, **serving_fields(est, self.target, self.cluster, self.spec.workload))
 
     def outside(self, plan: Plan, label: str) -> TrialRecord:
@@ -102,7 +104,8 @@ class VirtualEvaluator:
         try:
             self.trace.unit_devices(plan)
         except InvalidPlan:
-            return simulate(self.profile, plan, self.spec.workload, self.cluster, self.eff, label=label)
+            return simulate(self.profile, plan, self.spec.workload, self.cluster, self.eff, label=label,
+                            tied_copies=self.target.rules.tied_copies)
         return self(plan, label)
 
     def precheck(self, plan: Plan) -> str | None:

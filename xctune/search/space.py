@@ -8,7 +8,8 @@ A point of the space, in the order the parameters are suggested:
   vision tower, projector, root parameters, token embeddings, position tables — profile.py),
   `projector_tier` whether the projector is offloaded (models that have one);
 - `head_device_n{n}`: the GPU of the final norm and the head (the embedding group's GPU when
-  the head's weight is tied to the embeddings: no parameter then);
+  the head's weight is tied to the embeddings and the target keeps one tensor: no parameter then;
+  a pipeline target copies it to the head's stage instead, `PlanRules.tied_copies`);
 - `dtype_vision`, `dtype_lm`, `dtype_head` (or one `dtype`): among the study's dtypes that every
   GPU of the cluster supports;
 - `share_n{n}_d{i}`: GPU i's share of the decoder layers, weighted by how many layers its memory
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 from ..errors import BadInput
 from ..hardware import Cluster
 from ..plans.plan import Plan, resolve
-from ..models.profile import GROUPS, ModelProfile
+from ..models.profile import GROUPS, ModelProfile, tied_copy_bytes
 from .targets import TargetSpec
 
 
@@ -68,7 +69,8 @@ class SearchSpace:
         self.usable = [cluster.usable_bytes(i) for i in range(len(cluster.gpus))]
         self.group_units = {"embed": profile.embed_group, "head": profile.head}
         self.projectors = profile.projectors  # the part of the embedding group that may be offloaded
-        self.head_with_embed = profile.head_tied_to_embeddings
+        # one tied tensor for the head and the embeddings binds their groups, unless the target copies it
+        self.head_with_embed = profile.head_tied_to_embeddings and not self.rules.tied_copies
         # a top-level join of the embeddings with the root's own tensors (trace.joins_main): the group on GPU 0
         self.embed_on_main = embed_on_main
 
@@ -85,7 +87,7 @@ class SearchSpace:
         # an offloaded projector runs on the main GPU (0): the embeddings it is joined with must be there
         fixed = self.rules.first_and_last or n == 1 or self.embed_on_main
         embed = trial.suggest_int(f"embed_device_n{n}", 0, n - 1) if not fixed and proj_tier == "gpu" else 0
-        if self.head_with_embed and not self.rules.first_and_last:
+        if self.head_with_embed:
             head = embed
         elif self.rules.first_and_last or n == 1:
             head = n - 1
@@ -121,6 +123,10 @@ class SearchSpace:
             fixed[embed] += units[u].weight_bytes(dtypes[units[u].group])
         for u in self.group_units["head"]:
             fixed[head] += units[u].weight_bytes(dtypes[units[u].group])
+        if self.rules.tied_copies:
+            placed = {**{u: embed for u in self.group_units["embed"]}, **{u: head for u in self.group_units["head"]}}
+            for d, nbytes in tied_copy_bytes(self.profile, placed, dtypes).items():
+                fixed[d] += nbytes
         layer = units[self.layers[0]].weight_bytes(dtypes["lm"])
         return [max(1, int((self.usable[i] - fixed[i]) // layer)) for i in range(n)]
 
@@ -230,7 +236,7 @@ class SearchSpace:
             return False
         if (proj_tier != "gpu" or self.embed_on_main) and embed != 0:
             return False
-        return not (self.head_with_embed and not self.rules.first_and_last and head != embed)
+        return not (self.head_with_embed and head != embed)
 
     def contains(self, plan: Plan) -> bool:
         return self.params_of(plan) is not None

@@ -12,7 +12,11 @@
 
 Both pipeline engines compute the logits of the last position only and send a token id back,
 so the trace's move of accelerate's root hook (full-sequence logits back to GPU 0) is not
-theirs (`PlanRules.free_move_kinds`).
+theirs (`PlanRules.free_move_kinds`). And a head tied to the token embeddings does not
+bind the last stage to the first: the last stage holds its own copy of the embedding matrix
+(vLLM's models with tied embeddings compute the logits from the embedding table their last
+rank builds and loads; torch.distributed.pipelining replicates a parameter that several stages
+use), which costs its memory (`PlanRules.tied_copies`, profile.tied_copy_bytes).
 
 Throughput with several requests in flight (`requests_in_flight` = M micro-batches, each of the
 workload's batch b). Let t_s be the seconds stage s spends on one micro-batch in a phase (its
@@ -54,6 +58,7 @@ class PlanRules:
     first_and_last: bool = False  # main = embedding group = the first GPU used, head on the last GPU used
     min_layers: int = 0  # decoder layers on every GPU used
     free_move_kinds: tuple[str, ...] = ()  # logged moves the engine does not make
+    tied_copies: bool = False  # a tied weight is copied to every device whose units use it (not kept on one)
 
     def allows(self, n: int, main: int, embed: int, head: int) -> bool:
         """A configuration of the oracle: GPUs 0..n-1 usable, `main` the first one used."""
@@ -61,7 +66,7 @@ class PlanRules:
 
 
 ACCELERATE_RULES = PlanRules()
-PIPELINE_RULES = PlanRules(first_and_last=True, min_layers=1, free_move_kinds=("return",))
+PIPELINE_RULES = PlanRules(first_and_last=True, min_layers=1, free_move_kinds=("return",), tied_copies=True)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ def cast_units(model: nn.Module, plan: Plan, profile: ModelProfile) -> nn.Module
     return model
 
 
-def virtual_model(profile: ModelProfile, plan: Plan, mode) -> torch.nn.Module:
-    """The model as fake tensors where the plan puts them: GPU i -> `vgpu:i`, offloaded -> fake host tensors."""
+def virtual_model(profile: ModelProfile, plan: Plan, mode, tied_copies: bool = False) -> torch.nn.Module:
+    """The model as fake tensors where the plan puts them: GPU i -> `vgpu:i`, offloaded -> fake host tensors.
+    `tied_copies`: a tied weight gets a tensor of its own on each device its users sit on (pipeline engines)."""
     model = profile.family.build_meta()
     cast_units(model, plan, profile)
     res = resolve(plan.device_map, profile)
@@ -43,7 +44,7 @@ def virtual_model(profile: ModelProfile, plan: Plan, mode) -> torch.nn.Module:
                 dev = _map_device(plan.device_map, unit)
         return torch.device("cpu") if dev in OFFLOAD_TIERS else vdevice.virtual(dev)
 
-    return vdevice.materialize(model, device_of, mode)
+    return vdevice.materialize(model, device_of, mode, copy_tied=tied_copies)
 
 
 def _map_device(device_map, unit: str):

@@ -122,10 +122,12 @@ def simulate(
     cluster: Cluster,
     eff: Efficiency = Efficiency(),
     label: str = "",
+    tied_copies: bool = False,
 ) -> TrialRecord:
-    """One simulated trial through the full dry run (the judge; seconds for a 7B model)."""
+    """One simulated trial through the full dry run (the judge; seconds for a 7B model). `tied_copies`:
+    as a pipeline engine runs the plan (check.check)."""
     require_gpu(plan.device_map)
-    run = virtual_run(profile, plan, workload)
+    run = virtual_run(profile, plan, workload, tied_copies=tied_copies)
     devices = {dev(i): g.name for i, g in enumerate(cluster.gpus)}
     bad = [d for d in plan.gpus if d >= len(cluster.gpus)]
     if bad:
@@ -135,5 +137,5 @@ def simulate(
         status = "invalid" if run.failure.kind in ("device-mismatch", "meta-copy") else "error"
         return failed_record(plan, profile, workload, "simulated", status, run.failure.describe(), devices, label)
     est = estimate_run(run, plan, profile, cluster, eff)
-    weights = weight_bytes(plan, profile, resolve(plan.device_map, profile))
+    weights = weight_bytes(plan, profile, resolve(plan.device_map, profile), tied_copies)
     return record_from_estimate(est, plan, profile, cluster, workload, weights, label=label)

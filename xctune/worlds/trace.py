@@ -186,10 +186,12 @@ class Trace:
         return out
 
     def evaluate(self, plan: Plan, cluster: Cluster, eff: Efficiency = Efficiency(),
-                 free_move_kinds: tuple[str, ...] = ()) -> Estimate:
+                 free_move_kinds: tuple[str, ...] = (), tied_copies: bool = False) -> Estimate:
         """Simulated latency, transfers and memory of `plan`; InvalidPlan if it cannot run.
 
-        `free_move_kinds`: logged moves the target engine does not make (targets.PlanRules)."""
+        `free_move_kinds`: logged moves the target engine does not make; `tied_copies`: the engine
+        copies a tied weight to each device that uses it, so its units may sit apart (targets.PlanRules;
+        the copies' bytes are in `weights`)."""
         placed = self.unit_devices(plan)
         main = main_location(placed)
         try:
@@ -208,7 +210,7 @@ class Trace:
         )
         offloaded = np.array([False] + [placed[u] in OFFLOAD_TIERS for u in self.units])
         tier = [None] + [placed[u] if placed[u] in OFFLOAD_TIERS else None for u in self.units]
-        for group in self.tied_units:
+        for group in () if tied_copies else self.tied_units:
             devs = {exec_dev[self.holder_index[u]] for u in group}
             if len(devs) > 1:
                 names = ", ".join(f"{u} on cuda:{exec_dev[self.holder_index[u]]}" for u in group)
@@ -277,7 +279,7 @@ class Trace:
             self._price_cache[key] = vec
         return float(vec[i])
 
-    def weights(self, plan: Plan) -> dict:
+    def weights(self, plan: Plan, tied_copies: bool = False) -> dict:
         placed = self.unit_devices(plan)
-        return unit_level_weights(self.profile, placed, plan.dtypes, main_location(placed))
+        return unit_level_weights(self.profile, placed, plan.dtypes, main_location(placed), tied_copies)
 

@@ -69,24 +69,28 @@ def translate(message: str) -> str:
     return re.sub(rf"\b{VIRTUAL_TYPE}:(\d+)", r"cuda:\1", message)
 
 
-def materialize(model: nn.Module, device_of: Callable[[str], torch.device], mode: FakeTensorMode) -> nn.Module:
+def materialize(model: nn.Module, device_of: Callable[[str], torch.device], mode: FakeTensorMode,
+                copy_tied: bool = False) -> nn.Module:
     """Replace every parameter and buffer of a `meta` model by a fake tensor on `device_of(name)`.
 
     `module.to()` cannot swap fake parameters, and `mode.from_tensor(meta)` stays on meta, so
     each tensor is made afresh with `torch.empty_strided` inside the fake mode. Tied weights
-    (one parameter under several names) stay one fake parameter, on the device of the first name.
+    (one parameter under several names) stay one fake parameter, on the device of the first name;
+    with `copy_tied`, one per device their names are placed on (a pipeline engine's own copies).
     """
-    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, fake): the meta one kept alive
+    made: dict[tuple, tuple[nn.Parameter, nn.Parameter]] = {}  # (id(meta)[, device]) -> (meta, fake): meta kept alive
     with mode:
         for mod_name, module in model.named_modules(remove_duplicate=False):
             prefix = f"{mod_name}." if mod_name else ""
             for name, p in list(module._parameters.items()):
                 if p is None:
                     continue
-                if id(p) not in made:
-                    t = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device_of(prefix + name))
-                    made[id(p)] = (p, nn.Parameter(t, requires_grad=False))
-                module._parameters[name] = made[id(p)][1]
+                device = device_of(prefix + name)
+                key = (id(p), device) if copy_tied else (id(p),)
+                if key not in made:
+                    t = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device)
+                    made[key] = (p, nn.Parameter(t, requires_grad=False))
+                module._parameters[name] = made[key][1]
             for name, b in list(module._buffers.items()):
                 if b is None:
                     continue

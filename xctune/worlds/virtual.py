@@ -127,11 +127,13 @@ def virtual_run(
     physical_map: dict | None = None,
     locations: dict | None = None,
     main_loc: Location | None = None,
+    tied_copies: bool = False,
 ) -> VirtualRun:
     """Run `workload` under `plan` on virtual devices.
 
     `physical_map`, `locations` and `main_loc` exist for the trace (trace.py): all units on one
-    virtual device, each reporting a logical device of its own.
+    virtual device, each reporting a logical device of its own. `tied_copies`: run the plan as a
+    pipeline engine does, a tied weight copied to each device its users sit on (accelerate keeps one).
     """
     cfg = profile.config
     workload.check_fits(cfg)
@@ -145,7 +147,7 @@ def virtual_run(
     t0 = time.perf_counter()
     try:
         with quiet_accelerate(), fake_friendly_accelerate():
-            model = virtual_model(profile, build_plan, mode)
+            model = virtual_model(profile, build_plan, mode, tied_copies)
             with mode:
                 placed = dispatch(
                     model,
