@@ -35,7 +35,9 @@ from ..plans.plan import Plan
 from .virtual import VirtualRun
 from ..workload import Workload
 
-FORMAT = "xctune-trace/2"  # 2: joins confirmed by dry runs (constraints.confirmed_joins)
+# 2: joins confirmed by dry runs (constraints.confirmed_joins); 3: the model's own copies of the operands
+# of joins a dry run does not confirm, logged as moves (kind "model", trace.py)
+FORMAT = "xctune-trace/3"
 ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|verdict-[0-9a-f]{24}\.json)")
 log = logging.getLogger("xctune.cache")
 _seen_foreign: set[Path] = set()  # warn once per process about each file that is not ours
