@@ -21,8 +21,8 @@ from xctune.reports.report import layout
 from xctune.search.runner import run_search
 from xctune.search.space import SearchSpace, SpaceOptions
 from xctune.search.study import StudySpec
-from xctune.worlds.trace import InvalidPlan, Trace
 from xctune.worlds.simulate import simulate
+from xctune.worlds.trace import InvalidPlan, Trace
 from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload
 
@@ -115,6 +115,13 @@ def test_space_and_trace_agree_with_dry_runs(name, llava, pali):
         assert virtual_run(profile, free, W).ok
 
 
+def _bytes_per_phase(moves) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for phase, _, _, nbytes, _ in moves:
+        out[phase] = out.get(phase, 0) + nbytes
+    return out
+
+
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2-vl-7b"])
 def test_trace_prices_the_copy_of_the_image_features_as_the_dry_run(name, llava):
     """A native class moves the image features to the embeddings' GPU itself (`.to(inputs_embeds.device)`):
@@ -130,8 +137,7 @@ def test_trace_prices_the_copy_of_the_image_features_as_the_dry_run(name, llava)
     features = cfg.image_tokens() * cfg.data.get("text_config", cfg.data)["hidden_size"] * 2  # fp16
     assert [(m.phase, m.src, m.dst, m.nbytes) for m in run.moves if m.kind == "model"] == [("prefill", 1, 0, features)]
     assert [m[:4] for m in est.moves if m[4] == "model"] == [("prefill", 1, 0, features)]
-    per_phase = lambda moves: {ph: sum(n for q, _, _, n, _ in moves if q == ph) for ph, *_ in moves}  # noqa: E731
-    assert per_phase(est.moves) == per_phase([(m.phase, m.src, m.dst, m.nbytes, m.kind) for m in run.moves])
+    assert _bytes_per_phase(est.moves) == _bytes_per_phase([(m.phase, m.src, m.dst, m.nbytes, m.kind) for m in run.moves])
     assert est.e2e_s * 1e3 == pytest.approx(simulate(profile, plan, W, cluster).e2e_ms.median, rel=1e-9)
 
 
