@@ -1,8 +1,13 @@
 """`check`: every error and warning class, the dry run as judge, and the field maps' verdicts."""
 
+from dataclasses import replace
+
+import pytest
+
 from conftest import field_map, two_gpu_map
 from xctune.plans.baselines import accelerate_map, authors_map, repair
 from xctune.plans.check import check
+from xctune.plans.constraints import Probe, constraint_report
 from xctune.hardware import make_cluster
 from xctune.plans.plan import Plan, load_plan
 from xctune.workload import Workload
@@ -49,25 +54,56 @@ def test_colocation_split_names_modules_devices_and_repair(tiny):
     r = check(Plan.uniform(m), tiny, make_cluster("2x1GiB"), SMALL)
     assert not r.ok
     msg = next(f.message for f in r.findings if f.code == "colocation")
-    assert "vision_proj on cuda:1" in msg and "model.tok_embeddings on cuda:0" in msg
-    assert "Repair: put vit and vision_proj on cuda:0" in msg
+    # the rule discovered by dry runs of the twin: the projector and the embeddings meet in a top-level cat
+    assert "vision_proj on cuda:1" in msg and "model.tok_embeddings on cuda:0" in msg and "vit on" not in msg
+    assert "dry runs of the model's twin fail when" in msg and "op cat" in msg
+    assert "Repair: put vision_proj on cuda:0" in msg
     assert "dry run confirms" in msg and "same device" in msg
     fixed = check(Plan.uniform(repair(m, tiny)), tiny, make_cluster("2x1GiB"), SMALL)
     assert fixed.ok
 
 
-def test_static_rule_and_dry_run_disagree_on_the_vit(tiny):
-    # vit alone on another GPU: the static rule forbids it, the dry run shows it runs
+def test_the_vit_alone_on_another_gpu_is_no_finding(tiny):
+    # the family's conservative rule keeps vit with the join; the discovered rule does not, and the dry run runs
+    assert "vit" in tiny.colocation
     r = check(Plan.uniform(two_gpu_map(tiny) | {"vit": 1}), tiny, make_cluster("2x1GiB"), SMALL)
+    assert r.ok and r.dry_run.ok and not r.findings
+
+
+def test_a_discovered_rule_the_model_itself_breaks_is_relaxed_by_the_dry_run(tiny):
+    # a rule found on the twin that this model's own dry run contradicts: the dry run wins, as a warning
+    found = constraint_report(tiny)
+    claimed = replace(found, probes=[*found.probes, Probe("vit", "other GPU", False, "claimed for this test")])
+    r = check(Plan.uniform(two_gpu_map(tiny) | {"vit": 1}), tiny, make_cluster("2x1GiB"), SMALL, claimed)
     assert r.ok and "colocation-relaxed" in codes(r, "warning")
+    assert "does not hold here" in next(f.message for f in r.findings if f.code == "colocation-relaxed")
 
 
 def test_offloaded_vit_fails_like_upstream(tiny):
     r = check(Plan.uniform(two_gpu_map(tiny) | {"vit": "cpu"}), tiny, make_cluster("2x1GiB"), SMALL)
-    assert not r.ok and "meta-copy" in codes(r, "error")
+    assert not r.ok and "not-offloadable" in codes(r, "error")
+    msg = next(f.message for f in r.findings if f.code == "not-offloadable")
+    assert msg.startswith("vit is offloaded to cpu") and "dry run confirms" in msg
     assert "Cannot copy out of meta tensor" in r.dry_run.failure.message and r.dry_run.failure.unit == "vit"
     ok = check(Plan.uniform(two_gpu_map(tiny) | {"vision_proj": "cpu"}), tiny, make_cluster("2x1GiB"), SMALL)
     assert ok.ok and ok.offloaded_bytes["cpu"] == tiny.by_name["vision_proj"].param_bytes("fp32")
+
+
+def test_discovered_constraints_are_cached_per_model_and_versions(tiny, tmp_path, monkeypatch):
+    from xctune.plans import constraints
+
+    first = constraint_report(tiny, tmp_path)
+    entries = list(tmp_path.glob("constraints-*.json"))
+    assert len(entries) == 1
+    monkeypatch.setattr(constraints, "_probe_twin", lambda cfg: pytest.fail("probed again despite the cache"))
+    again = constraint_report(tiny, tmp_path)
+    assert again.probes == first.probes and again.joins == first.joins
+    assert again.required_together == ("vision_proj", "model.tok_embeddings")
+    assert again.not_offloadable == ("vit", "model.tok_embeddings")
+    # another library version is another key: the entry is not used
+    monkeypatch.setattr("xctune.worlds.trace_cache.library_versions", lambda: {"torch": "0.0"})
+    with pytest.raises(pytest.fail.Exception, match="probed again"):
+        constraint_report(tiny, tmp_path)
 
 
 def test_memory_over_capacity(tiny):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xctune.plans.check import check, static_findings
+from xctune.plans.constraints import constraint_report
 from xctune.cli import main
 from xctune.errors import BadInput
 from xctune.hardware import make_cluster
@@ -21,7 +22,8 @@ from xctune.models.loading import loading_paths, resolve_model, save_checkpoint,
 from xctune.plans.plan import Plan, resolve
 from xctune.models.profile import profile_of
 from xctune.worlds.virtual import virtual_run
-from xctune.workload import Workload, generate, make_inputs
+from xctune.models.ixc import generate, make_inputs
+from xctune.workload import Workload
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 VARIANTS = ("ixc2-vl-7b", "ixc2-4khd-7b", "ixc2d5-7b")
@@ -126,13 +128,14 @@ def test_4khd_gn_maps_get_the_same_verdicts_from_the_config_dir_as_from_the_pres
         plan = Plan.uniform(dmap, "fp16")
         verdicts = []
         for prof in (from_dir, preset):
-            found = static_findings(plan, prof, cluster, resolve(plan.device_map, prof))
+            found = static_findings(plan, prof, cluster, resolve(plan.device_map, prof), constraint_report(prof))
             verdicts.append(sorted((f.level, f.code) for f in found))
         assert verdicts[0] == verdicts[1]
     # accelerate rejects the map without the root parameters; the right one has no error
     bad = check(Plan.uniform(without_gn, "fp16"), from_dir, cluster, Workload())
     assert not bad.ok and any(f.code == "uncovered" and "plora_glb_GN" in f.message for f in bad.errors)
-    good = static_findings(Plan.uniform(with_gn, "fp16"), from_dir, cluster, resolve(with_gn, from_dir))
+    good = static_findings(Plan.uniform(with_gn, "fp16"), from_dir, cluster, resolve(with_gn, from_dir),
+                           constraint_report(from_dir))
     assert not [f for f in good if f.level == "error"]
 
 
@@ -311,7 +314,7 @@ def test_the_authors_2gpu_map_moves_what_their_code_moves():
     T = w.prompt_length(prof.config)
     assert T == 1355
     runs = {name: virtual_run(prof, Plan.uniform(dmap, "fp16", skip_keys=p.skip_keys), w) for name, p in loading_paths().items()}
-    logits = [m for m in runs["xctune"].moves if m.phase == "prefill" and m.kind == "output"]
+    logits = [m for m in runs["xctune"].moves if m.phase == "prefill" and m.kind == "return"]
     assert sum(m.nbytes for m in logits) == 4 * 92544 * T == 501_588_480
     decode = {k: sum(m.nbytes for m in r.moves if m.phase == "decode") for k, r in runs.items()}
     assert 0.07e6 <= decode["xctune"] <= 0.46e6

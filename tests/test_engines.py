@@ -203,7 +203,7 @@ def test_throughput_formula(tiny):
     trace = Trace(tiny, W)
     cluster = make_cluster("[2x1GiB]+[2x1GiB]@eth-100g")
     plan = Plan.uniform(pipeline_map(tiny, [1, 1, 1, 1]), "fp32")
-    est = trace.evaluate(plan, cluster, free_move_kinds=("output",))
+    est = trace.evaluate(plan, cluster, free_move_kinds=("return",))
     stages = {d: 0.0 for d in range(4)}
     for (phase, d), s in est.device_phase_s.items():
         assert d in stages
@@ -242,8 +242,8 @@ def test_tensor_parallel_stages_split_memory_and_pay_all_reduces(tiny):
     trace = Trace(tiny, W)
     plan = Plan.uniform(pipeline_map(tiny, [2, 2]), "fp32")
     target = TargetSpec("vllm-pp", tensor_parallel="node")
-    plain = trace.evaluate(plan, stage, free_move_kinds=("output",))
-    with_tp = serving_estimate(trace.evaluate(plan, stage, free_move_kinds=("output",)), target, plan, tiny, W,
+    plain = trace.evaluate(plan, stage, free_move_kinds=("return",))
+    with_tp = serving_estimate(trace.evaluate(plan, stage, free_move_kinds=("return",)), target, plan, tiny, W,
                                TensorParallel(4, full.node_links[0]))
     hidden = 4 * tiny.config.hidden_size
     one_step = 4 * 2 * allreduce_seconds(hidden, 4, full.node_links[0])  # 4 layers, 2 all-reduces each
@@ -326,7 +326,7 @@ def test_torch_pipelining_export_runs_in_two_processes_with_the_tokens_of_one(ti
     import torch
 
     from xctune.worlds.build import host_model
-    from xctune.workload import generate, make_inputs
+    from xctune.models.ixc import generate, make_inputs
 
     w = Workload(prompt_tokens=6, new_tokens=4)
     plan = Plan.uniform(pipeline_map(tiny, [2, 2]), "fp32")
@@ -350,6 +350,28 @@ def test_torch_pipelining_export_runs_in_two_processes_with_the_tokens_of_one(ti
     with torch.no_grad():
         cached = generate(model, make_inputs(tiny.config, w, "cpu"), w.new_tokens)
     assert cached.tokens.tolist() == two["tokens"]
+
+
+def test_torch_pipelining_runner_refuses_a_family_without_pipeline_parts(tmp_path):
+    """What the runner runs of a model comes from its family (models/base.py pipeline_parts): a
+    transformers class provides none, and the runner says so in one line (exit 2) before loading
+    any weights, in one process and in spawned ones."""
+    import shutil
+
+    from xctune.export import run_pipeline
+
+    shutil.copy(run_pipeline.__file__, tmp_path / "run_pipeline.py")
+    (tmp_path / "split_spec.json").write_text(json.dumps({"model.language_model.layers.16": "BEGINNING"}))
+    (tmp_path / "pipeline_plan.json").write_text(json.dumps(
+        {"model": "llava-1.5-7b", "dtype": "fp16", "stages": [{"stage": 0}, {"stage": 1}], "workload": Workload(prompt_tokens=6, new_tokens=2).to_dict()}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for args in (["--reference"], ["--nproc", "2"]):
+        res = subprocess.run([sys.executable, str(tmp_path / "run_pipeline.py"), *args, "--cpu"], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 2, res.stderr[-2000:]
+        ours = [line for line in res.stderr.splitlines() if line.startswith("run_pipeline.py: error: ")]
+        assert ours and all("the torch pipelining runner" in line and "llava-1.5-7b does not" in line for line in ours)
+        assert "Traceback" not in res.stderr
 
 
 # --- studies -----------------------------------------------------------------------------------

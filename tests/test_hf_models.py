@@ -158,7 +158,9 @@ def test_check_cli_on_a_config_directory(tmp_path, capsys):
     assert main(["check", str(bad), *args]) == 1
     out = capsys.readouterr().out
     assert "Expected all tensors to be on the same device" in out and "in model.language_model.embed_tokens" in out
-    assert "tied tensor" in out and "Repair: put lm_head on cuda:0" in out
+    # the rules dry runs of the twin discovered: the tied head with its embeddings, both on the main GPU
+    assert "co-location group split" in out and "Repair: put lm_head on cuda:0" in out
+    assert "must run on the main GPU cuda:0" in out
 
 
 def _cli_error(args, capsys) -> tuple[int, str]:

@@ -187,7 +187,7 @@ def test_move_timer_sums_one_timing_per_call_that_moves(tiny):
     from xctune.worlds.placement import HostWorld, dispatch, undispatch
     from xctune.worlds.real import MasterWeights
     from xctune.worlds.build import host_model
-    from xctune.workload import generate, make_inputs
+    from xctune.models.ixc import generate, make_inputs
 
     class Event:
         clock = 0.0

@@ -7,7 +7,8 @@ from xctune.errors import BadInput
 from xctune.models import XComposer, get_config, init_weights, num_params
 from xctune.models.loading import load_remote, resolve_model, save_checkpoint
 from xctune.models.profile import profile_of
-from xctune.workload import Workload, generate, make_inputs
+from xctune.models.ixc import generate, make_inputs
+from xctune.workload import Workload
 
 
 def meta_model(name):

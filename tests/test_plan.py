@@ -111,6 +111,18 @@ def test_resolution_rules(tiny):
     assert twice.device_of_unit("model.layers.1") is None  # split inside a unit
 
 
+def test_unit_of_is_the_longest_unit_prefix_by_whole_names(tiny):
+    """The one lookup of a parameter's unit (profile.unit_of), which the profile's own counts use too."""
+    assert tiny.unit_of("model.layers.1.attention.wqkv.weight") == "model.layers.1"
+    assert tiny.unit_of(tiny.layers[1]) == tiny.layers[1]
+    assert tiny.unit_of("model.layers.10.attention.wo.weight") == "model.layers.10.attention.wo.weight"  # no layer 10
+    assert tiny.unit_of("model") == "model"  # above every unit: itself
+    counted = {}
+    for name, n in tiny.param_numels:
+        counted[tiny.unit_of(name)] = counted.get(tiny.unit_of(name), 0) + n
+    assert counted == {u.name: u.params for u in tiny.units if u.params}
+
+
 def test_write_then_check_field_map_is_byte_compatible(tmp_path, vl7b):
     plan = load_plan(field_map("authors-heuristic.2gpu"))
     write_device_map(plan, tmp_path / "m.json")

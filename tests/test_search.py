@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT, sampled_plans
 from xctune.plans.check import static_findings
+from xctune.plans.constraints import constraint_report
 from xctune.cli import main
 from xctune.hardware import make_cluster
 from xctune.search.oracle import Oracle, brute_force
@@ -37,6 +38,7 @@ def test_no_sampled_plan_breaks_colocation_or_contiguity(model, gpus, options):
     space = SearchSpace(profile, cluster, options)
     plans = sampled_plans(space, 300)
     assert len({p.plan_id for p in plans}) > 50  # the sampler explores
+    found = constraint_report(profile)
     for plan in plans:
         res = resolve(plan.device_map, profile)
         assert not res.uncovered and not res.unknown_keys and not res.covered_twice
@@ -47,7 +49,7 @@ def test_no_sampled_plan_breaks_colocation_or_contiguity(model, gpus, options):
         assert res.device_of_unit("model.tok_embeddings") not in ("cpu", "disk")
         gpu_layers = [res.device_of_unit(u) for u in profile.layers if isinstance(res.device_of_unit(u), int)]
         assert gpu_layers == sorted(gpu_layers)  # one contiguous run per GPU, in order
-        codes = {f.code for f in static_findings(plan, profile, cluster, res) if f.level == "error"}
+        codes = {f.code for f in static_findings(plan, profile, cluster, res, found) if f.level == "error"}
         assert not codes, (codes, plan.device_map)
 
 

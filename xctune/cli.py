@@ -16,20 +16,19 @@ import sys
 import warnings
 
 from .errors import BadInput
+from .models.presets import CALIBRATION_MODEL, DEFAULT_MODEL, preset_names
 
 
-def _add_model(p: argparse.ArgumentParser, default: str | None = "ixc2-vl-7b") -> None:
+def _add_model(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument(
         "--model",
         default=default,
-        help="model preset (tiny, tiny-hd, ixc2-vl-7b, ixc2-4khd-7b, ixc2d5-7b; transformers classes: llava-1.5-7b, "
-        "llava-v1.6-mistral-7b, qwen2-vl-7b, qwen2.5-vl-7b, internvl3-8b, idefics3-8b, paligemma-3b, gemma-3-4b, "
-        "llama-3.2-11b-vision) or a checkpoint directory"
+        help=f"model preset ({', '.join(preset_names())}; `xctune presets` lists them) or a checkpoint directory"
         + (" (default: %(default)s)" if default else ""),
     )
     p.add_argument(
         "--attn", choices=["eager", "sdpa", "flash"], default=None,
-        help="attention the model runs (default: the checkpoint's config: eager for the published IXC checkpoints)",
+        help="attention the model runs (default: the checkpoint's config, as the published checkpoint declares it)",
     )
     p.add_argument(
         "--trust-remote-code",
@@ -130,10 +129,14 @@ def _emit_json(obj) -> None:
 def cmd_check(args) -> int:
     from .plans.check import check
 
+    from .plans.constraints import constraint_report
+    from .worlds.trace_cache import default_dir
+
     spec = _model(args)
     cluster = _cluster(args)
     plan = _plan_from_args(args, spec.profile, cluster)
-    report = check(plan, spec.profile, cluster, _workload(args))
+    found = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
+    report = check(plan, spec.profile, cluster, _workload(args), found)
     if args.json:
         _emit_json(report.to_dict())
     else:
@@ -315,7 +318,7 @@ def cmd_export(args) -> int:
         raise BadInput("--gpus is required (the cluster the plan is for), unless PLAN is a study folder")
     full = make_cluster(gpus, link=args.link or study.get("link") or "pcie4", headroom=args.headroom)
     cluster = target_cluster(full, serving)
-    spec = resolve_model(args.model or study.get("model") or "ixc2-vl-7b", args.trust_remote_code)
+    spec = resolve_model(args.model or study.get("model") or DEFAULT_MODEL, args.trust_remote_code)
     base = Workload(**{k: tuple(v) if k == "hd_layout" and v else v for k, v in study["workload"].items()}) \
         if study.get("workload") else None
     workload = _workload(args, base)
@@ -376,8 +379,10 @@ def cmd_report(args) -> int:
 def cmd_constraints(args) -> int:
     from .plans.constraints import constraint_report
 
+    from .worlds.trace_cache import default_dir
+
     spec = _model(args)
-    rep = constraint_report(spec.profile)
+    rep = constraint_report(spec.profile, default_dir(), log=lambda m: _progress(args, m))
     if args.json:
         _emit_json(rep.to_dict())
     else:
@@ -387,16 +392,10 @@ def cmd_constraints(args) -> int:
 
 def cmd_presets(args) -> int:
     from .hardware import GPU_PRESETS, LINK_PRESETS, NETWORK_PRESETS, GiB
-    from .models import PRESETS
-    from .models.hf import PRESET_NAMES, get_preset
-    from .models.profile import profile_of
+    from .models.presets import preset_table
 
-    hf = {n: get_preset(n) for n in PRESET_NAMES}
     rows = {
-        "models": {n: {"params": profile_of(c).total_params, "image_tokens": c.image_tokens()} for n, c in PRESETS.items()},
-        # image tokens of these are measured by a fake run of the vision tower: `xctune check` shows them
-        "transformers": {n: {"params": profile_of(c).total_params, "architecture": c.architecture, "source": c.source}
-                         for n, c in hf.items()},
+        **preset_table(),
         "gpus": {
             n: {"memory_GiB": g.memory_bytes / GiB, "tflops": dict(g.tflops), "mem_bw_gbs": g.mem_bw_gbs, "source": g.source}
             for n, g in GPU_PRESETS.items()
@@ -433,7 +432,7 @@ def cmd_presets(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xctune",
-        description="Device maps for InternLM-XComposer across several GPUs: check them, benchmark them, search for the best.",
+        description="Device maps for vision-language models across several GPUs: check them, benchmark them, search for the best.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -455,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "search",
         help="search device maps and precisions with Optuna; export the best map and a leaderboard",
-        description="Runs a study file (default: studies/default.toml: ixc2-vl-7b on a virtual 2x24GiB cluster). "
+        description=f"Runs a study file (default: studies/default.toml: {DEFAULT_MODEL} on a virtual 2x24GiB cluster). "
         "Trials are valid plans by construction; the baselines are enqueued first. Outputs go to "
         "results/<study>/ (best_map.json, best_plan.json, leaderboard.csv/.md, plots). Running the same "
         "study again resumes it and adds trials.",
@@ -495,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", help="study folder (with best_plan.json), plan JSON or device map JSON")
     p.add_argument("--target", choices=["accelerate", "vllm-pp", "torch-pipelining"],
                    help="engine (default: the study's target, else accelerate)")
-    p.add_argument("--model", default=None, help="model preset or checkpoint directory (default: the study's, else ixc2-vl-7b)")
+    p.add_argument("--model", default=None, help=f"model preset or checkpoint directory (default: the study's, else {DEFAULT_MODEL})")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own code to run when loading it")
     p.add_argument("--gpus", default=None, help="cluster (default: the study's); nodes as in `search`")
     p.add_argument("--link", default=None, help="link between GPUs of a node (default: the study's, else pcie4)")
@@ -536,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit the cost model to this machine and report its prediction error per phase",
     )
-    _add_model(p, default="tiny")
+    _add_model(p, default=CALIBRATION_MODEL)
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per workload (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while measuring (default %(default)s)")
     p.add_argument("--study", help="a real study file: also measure the twin's rank agreement over its plans")

@@ -107,17 +107,36 @@ def cluster_cells(name: str, profile, gpus: str, trials: int, out: Path, log) ->
     return best, base, gap, r.best_plan
 
 
-def default_space(names, trials: int, tmp: Path, log) -> None:
+def default_space(names, trials: int, tmp: Path, log) -> list[str]:
+    """The issue's own command per preset, `search --trials N --model P --gpus 2x24GiB`, as table rows."""
+    lines = [
+        f"Measured with `scripts/figures/hf_table.py --default-space` ({datetime.date.today().isoformat()}, "
+        f"{os.cpu_count()}-core CPU, load average {os.getloadavg()[0]:.1f} at the start): `xctune search --trials "
+        f"{trials} --model P --gpus 2x24GiB`, the default space (fp32, fp16, bf16 per group) and workload; "
+        f"figures simulated (trace + cost model) except the seconds (the whole study: traces, trials, baselines, "
+        f"exact optimum, `check` of the best map: static rules + full dry run).",
+        "",
+        "| model | best 2x24GiB (e2e ms, decode ms/tok) | precision | `check` | gap to the exact optimum | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         profile = profile_of(get_preset(name))
         spec = StudySpec(name=f"hf-{name}", model=name, gpus="2x24GiB", trials=trials, out=str(tmp / name))
         r = run_search(spec, progress=False, log=lambda m: None)
         if r.best is None:
-            log(f"{name}: no feasible map")
-            continue
-        gap = f"{(r.best['e2e_ms'] / r.optimum.e2e_ms - 1) * 100:+.3f}%" if r.optimum and r.optimum.plan else "no optimum"
-        log(f"{name}: best {r.best['e2e_ms']:.1f} ms `{layout(r.best_plan, profile)}` {r.best_plan.dtype_label}; "
-            f"{r.verified}; gap to the exact optimum {gap}; {r.seconds:.0f} s")
+            row = f"| {name} | no feasible map | | | | {r.seconds:.0f} |"
+        else:
+            gap = "no optimum"
+            if r.optimum and r.optimum.plan:
+                g = r.best["e2e_ms"] / r.optimum.e2e_ms - 1
+                gap = f"{max(g, 0.0) * 100:+.2f}%" if g > -1e-9 else f"BELOW the optimum by {-g * 100:.4f}%"
+            row = (f"| {name} | {r.best['e2e_ms']:.1f} ms, {r.best['decode_ms_per_token']:.2f} ms/tok "
+                   f"`{layout(r.best_plan, profile)}` | {r.best_plan.dtype_label} | "
+                   f"{'passes' if r.verified.startswith('passes') else r.verified} | {gap} | "
+                   f"{r.seconds:.0f} |")
+        lines.append(row)
+        log(row)
+    return lines
 
 
 def main() -> None:
@@ -134,7 +153,10 @@ def main() -> None:
         print(m, file=sys.stderr, flush=True)
 
     if args.default_space:
-        default_space(names, args.trials, tmp, log)
+        text = "\n".join(default_space(names, args.trials, tmp, log)) + "\n"
+        print(text)
+        if args.out:
+            args.out.write_text(text)
         return
 
     lines = [

@@ -23,7 +23,7 @@ from xctune.hardware import make_cluster  # noqa: E402
 from xctune.models import get_config  # noqa: E402
 from xctune.search.oracle import Oracle  # noqa: E402
 from xctune.models.profile import profile_of  # noqa: E402
-from xctune.search.runner import trace_cache_dir  # noqa: E402
+from xctune.worlds.trace_cache import default_dir as trace_cache_dir  # noqa: E402
 from xctune.search.space import SearchSpace, SpaceOptions  # noqa: E402
 from xctune.worlds.trace import Trace  # noqa: E402
 from xctune.workload import Workload  # noqa: E402

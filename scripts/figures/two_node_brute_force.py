@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from xctune.models.loading import resolve_model  # noqa: E402
 from xctune.search.oracle import Oracle, brute_force  # noqa: E402
 from xctune.reports.report import layout  # noqa: E402
-from xctune.search.runner import build_cluster, trace_cache_dir  # noqa: E402
+from xctune.search.runner import build_cluster  # noqa: E402
+from xctune.worlds.trace_cache import default_dir as trace_cache_dir  # noqa: E402
 from xctune.search.space import SearchSpace  # noqa: E402
 from xctune.search.study import load_study  # noqa: E402
 from xctune.search.targets import target_cluster  # noqa: E402

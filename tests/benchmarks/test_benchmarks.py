@@ -33,13 +33,14 @@ from xctune.search.oracle import Oracle
 from xctune.worlds.placement import HostWorld, dispatch, undispatch
 from xctune.plans.plan import Plan, load_plan
 from xctune.models.profile import profile_of
+from xctune.record import TrialRecord
 from xctune.worlds.real import HostExecutor, MasterWeights
 from xctune.search.runner import run_search
 from xctune.worlds.simulate import simulate
 from xctune.search.study import load_study, with_overrides
 from xctune.worlds.trace import Trace
 from xctune.worlds.virtual import virtual_run
-from xctune.workload import Workload, generate, make_inputs
+from xctune.workload import Workload
 
 FULL = os.environ.get("XCTUNE_BENCH_FULL") == "1"
 ROUNDS = 30 if FULL else 10
@@ -76,12 +77,35 @@ def executor():
 
 
 def _placed(executor, plan):
-    master = executor.master
-    model = master.model_for(plan, executor.profile, lambda loc: "cpu")
-    placed = dispatch(model, plan.device_map, HostWorld(), skip_keys=plan.skip_keys, collapsed=True)
+    """The plan placed as the real executor places a trial (its `place`: offload, casts between the
+    groups of a mixed-precision plan), counters off, with the workload's inputs."""
+    placed = executor.place(plan)
     placed.tracker.recording = False
-    inputs = make_inputs(executor.profile.config, REAL_WORKLOAD, placed.physical_main)
-    return placed, inputs
+    return placed, executor.inputs(placed.physical_main)
+
+
+def test_placed_runs_a_mixed_precision_plan_with_disk_offload(executor):
+    """A plan mixing precisions with a layer offloaded to disk, placed by the helper the latency
+    benchmarks use, runs and gives the tokens the executor's own measured trial gives (the helper
+    once mapped such a plan without the casts: "expected m1 and m2 to have the same dtype")."""
+    tiny = executor.profile
+    dmap = {u.name: 0 for u in tiny.units} | {tiny.layers[-1]: "disk"} | {u: 1 for u in tiny.head}
+    plan = Plan(dmap, {"vision": "bf16", "lm": "fp32", "head": "bf16"})
+    placed, inputs = _placed(executor, plan)
+    try:
+        offloaded = placed.model.get_submodule(tiny.layers[-1])
+        assert {p.device.type for p in offloaded.parameters()} == {"meta"}  # on disk, streamed in at each call
+        out = executor.generate(placed.model, inputs)
+    finally:
+        undispatch(placed.model)
+    prepared = executor.prepare(plan)
+    assert not isinstance(prepared, TrialRecord), prepared.cause
+    try:
+        trial = executor.generate(prepared.placed.model, prepared.inputs)
+    finally:
+        executor.release(prepared)
+    assert out.tokens.shape == (REAL_WORKLOAD.batch, REAL_WORKLOAD.new_tokens)
+    assert out.tokens.tolist() == trial.tokens.tolist()
 
 
 @pytest.mark.parametrize("name", ["tuned", "authors", "single"])
@@ -92,7 +116,7 @@ def test_real_tiny_latency(benchmark, executor, name):
     assert record.ok, record.cause
     placed, inputs = _placed(executor, plan)
     try:
-        benchmark.pedantic(lambda: generate(placed.model, inputs, REAL_WORKLOAD.new_tokens), rounds=ROUNDS, warmup_rounds=2)
+        benchmark.pedantic(lambda: executor.generate(placed.model, inputs), rounds=ROUNDS, warmup_rounds=2)
     finally:
         undispatch(placed.model)
     benchmark.extra_info.update(
@@ -142,7 +166,7 @@ def test_tuned_over_authors_ratio(benchmark, executor):
     machine the ratio measures ~1.1-1.3. An extra device hop or a lost skip_keys pushes it past 1.6."""
     plans = real_plans()
     placed = {k: _placed(executor, plans[k]) for k in ("tuned", "authors")}
-    fns = {k: (lambda p=p, i=i: generate(p.model, i, REAL_WORKLOAD.new_tokens)) for k, (p, i) in placed.items()}
+    fns = {k: (lambda p=p, i=i: executor.generate(p.model, i)) for k, (p, i) in placed.items()}
     try:
         # the fastest round of each: other jobs only add time, and their load moved the medians'
         # ratio between 1.47 and 2.93 in two runs of the same code (2026-12-02, load average ~3)
@@ -303,7 +327,7 @@ ORACLE_CLUSTERS = {
 @pytest.fixture(scope="module")
 def vl7b_all_widths():
     """The 7B trace at every element width a mixed fp32/fp16/bf16 space needs (recorded once, cached)."""
-    from xctune.search.runner import trace_cache_dir
+    from xctune.worlds.trace_cache import default_dir as trace_cache_dir
     from xctune.search.space import SearchSpace, SpaceOptions
 
     profile = profile_of(get_config("ixc2-vl-7b"))

@@ -1,9 +1,11 @@
 """Run an exported plan with torch.distributed.pipelining: one process per stage.
 
 Written next to `split_spec.json` and `pipeline_plan.json` by `xctune export --target
-torch-pipelining` (or a search whose target is a pipeline). The language model (inputs_embeds,
-im_mask -> logits) is traced and cut at the split points; the first rank runs the vision
-encoder, the projector and the token embeddings before the pipeline, as the engines place them.
+torch-pipelining` (or a search whose target is a pipeline). What it runs of the model comes from
+the model's family (models/base.py `PipelineParts`): the language model (input rows -> logits) is
+traced and cut at the split points; the first rank runs the vision encoder, the projector and the
+token embeddings before the pipeline, as the engines place them. A family that provides no such
+parts is refused with one line (exit 2).
 Greedy decoding without a KV cache crossing the pipeline: each step runs the sequence padded to
 its final length again (attention is causal, so a position never sees the padding after it).
 
@@ -26,58 +28,53 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xctune.models.engines import pack_inputs as pack, pipeline_text_model
+from xctune.errors import BadInput
 
 HERE = Path(__file__).resolve().parent
 
 
-def load_model(plan: dict, args):
+def load_parts(plan: dict, args):
+    """The model's pipeline parts (models/base.py PipelineParts), from its family: BadInput where the
+    family provides none."""
+    from xctune.models.families import family_of
     from xctune.models.loading import resolve_model
     from xctune.models.profile import DTYPES
 
     spec = resolve_model(args.model or plan["model"], args.trust_remote_code)
-    model = spec.load_master(seed=plan.get("weights_seed", 0)).to(DTYPES[plan["dtype"]]).eval()
-    return spec.config, model
+    return family_of(spec.config).pipeline_parts(
+        lambda: spec.load_master(seed=plan.get("weights_seed", 0)).to(DTYPES[plan["dtype"]]).eval())
 
 
 @torch.no_grad()
-def prompt(cfg, model, plan: dict, args):
-    """Padded input embeddings and image mask of one request, [1, prompt + new - 1, hidden]."""
-    from xctune.workload import Workload, make_inputs
+def prompt(parts, plan: dict, args):
+    """The rows of one request, padded to its final length: [1, prompt + new - 1, width]."""
+    from xctune.workload import Workload
 
     w = plan["workload"]
     layout = tuple(w["hd_layout"]) if w.get("hd_layout") else None
     work = Workload(images=w["images"], prompt_tokens=w["prompt_tokens"], new_tokens=args.new_tokens, batch=1,
                     hd_layout=layout, seed=w.get("seed", 0))
-    inputs = make_inputs(cfg, work, "cpu")
-    if inputs.pixels is not None:
-        dtype = next(model.vision_proj.parameters()).dtype
-        embeds, mask = model.wrap(inputs.input_ids, model.encode_img(inputs.pixels.to(dtype), layout))
-    else:
-        embeds = model.model.tok_embeddings(inputs.input_ids)
-        mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
-    length = embeds.shape[1]
-    total = length + args.new_tokens - 1
-    x = torch.zeros(1, total, embeds.shape[-1], dtype=embeds.dtype)
-    m = torch.zeros(1, total, dtype=torch.bool)
-    x[:, :length], m[:, :length] = embeds, mask
-    return x, m, length
+    rows = parts.prompt_rows(work)
+    length = rows.shape[1]
+    x = torch.zeros(1, length + args.new_tokens - 1, rows.shape[-1], dtype=rows.dtype)
+    x[:, :length] = rows
+    return x, length
 
 
 @torch.no_grad()
-def greedy(step, model, x, m, length: int, new_tokens: int, share=None) -> list[int]:
-    """`step(x, m)` gives the logits (None where this rank has none); `share(token)` gives every
+def greedy(step, parts, x, length: int, new_tokens: int, share=None) -> list[int]:
+    """`step(x)` gives the logits (None where this rank has none); `share(token)` gives every
     rank the token the last stage chose."""
     tokens = []
     for i in range(new_tokens):
-        logits = step(x, m)
+        logits = step(x)
         pos = length - 1 + i
         token = logits[:, pos].argmax(-1) if logits is not None else torch.zeros(1, dtype=torch.long)
         if share is not None:
             token = share(token)
         tokens.append(int(token[0]))
         if i + 1 < new_tokens:
-            x[:, pos + 1] = model.model.tok_embeddings(token)
+            x[:, pos + 1] = parts.token_row(token)
     return tokens
 
 
@@ -96,16 +93,16 @@ def run_stage(rank: int, world: int, args) -> None:
         raise SystemExit(f"this plan has {len(plan['stages'])} stages: run it with that many processes, not {world}")
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}") if cuda else torch.device("cpu")
-    cfg, model = load_model(plan, args)
-    x, m, length = prompt(cfg, model, plan, args)
-    pipe = pipeline(pipeline_text_model(model), mb_args=(pack(x, m),), split_spec=split_spec())
+    parts = load_parts(plan, args)
+    x, length = prompt(parts, plan, args)
+    pipe = pipeline(parts.decoder, mb_args=(x,), split_spec=split_spec())
     stage = pipe.build_stage(rank, device)
     schedule = ScheduleGPipe(stage, n_microbatches=1)
     last = world - 1
 
-    def step(x, m):
+    def step(x):
         if rank == 0:
-            schedule.step(pack(x, m).to(device))
+            schedule.step(x.to(device))
             return None
         out = schedule.step()
         return out.cpu() if rank == last else None
@@ -115,7 +112,7 @@ def run_stage(rank: int, world: int, args) -> None:
         dist.broadcast(token, src=last)
         return token.cpu()
 
-    tokens = greedy(step, model, x, m, length, args.new_tokens, share)
+    tokens = greedy(step, parts, x, length, args.new_tokens, share)
     if rank == last:
         print(json.dumps({"tokens": [tokens], "stages": world, "backend": dist.get_backend(), "device": device.type}),
               flush=True)
@@ -126,11 +123,25 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         run_stage(rank, world, args)
+    except BadInput as e:
+        sys.exit(_refused(e))
     finally:
         dist.destroy_process_group()
 
 
+def _refused(e: BadInput) -> int:
+    print(f"run_pipeline.py: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BadInput as e:
+        return _refused(e)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, help="spawn this many local processes (gloo on 127.0.0.1)")
     p.add_argument("--reference", action="store_true", help="one process, no pipeline: the tokens to compare with")
@@ -143,10 +154,9 @@ def main(argv=None) -> int:
     if args.new_tokens is None:
         args.new_tokens = plan["workload"]["new_tokens"]
     if args.reference:
-        cfg, model = load_model(plan, args)
-        x, m, length = prompt(cfg, model, plan, args)
-        text = pipeline_text_model(model)
-        tokens = greedy(lambda x, m: text(pack(x, m)), model, x, m, length, args.new_tokens)
+        parts = load_parts(plan, args)
+        x, length = prompt(parts, plan, args)
+        tokens = greedy(parts.decoder, parts, x, length, args.new_tokens)
         print(json.dumps({"tokens": [tokens], "stages": 1, "backend": None, "device": "cpu"}), flush=True)
         return 0
     if args.nproc:
@@ -155,7 +165,10 @@ def main(argv=None) -> int:
         with socket.socket() as s:  # a free port on the loopback interface
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+        try:
+            mp.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+        except mp.ProcessExitedException as e:  # a worker said why on stderr (bad input: exit 2)
+            return e.exit_code
         return 0
     if "RANK" not in os.environ:
         raise SystemExit("run under torchrun, or with --nproc N for local processes, or --reference")

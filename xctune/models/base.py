@@ -11,7 +11,9 @@ A model family (the embedded InternLM-XComposer, a transformers class, ...) answ
 - how to build it on `meta` (for fake tensors) and with real weights;
 - how to make its inputs for a workload and run the dry-run steps (prefill, cached decode);
 - for measured runs: how to read its weights from a checkpoint directory (as data) and run the
-  workload for real (the explicit generate loop, phases timed by the caller's clock).
+  workload for real (the explicit generate loop, phases timed by the caller's clock);
+- for the torch pipelining runner (export/run_pipeline.py), where the family provides them: its
+  text model as the pipeline traces it, and the input rows of a prompt and of a generated token.
 
 Nothing outside `xctune/models/` should need a family's module names: it asks the profile
 (profile.py) built from this description.
@@ -20,11 +22,14 @@ Nothing outside `xctune/models/` should need a family's module names: it asks th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
+
+from ..errors import BadInput
 
 
 class Role(str, Enum):
@@ -70,6 +75,24 @@ class Colocation:
     reason: str
 
 
+@dataclass(frozen=True)
+class PipelineParts:
+    """What torch.distributed.pipelining runs of one model (export/run_pipeline.py).
+
+    The first rank turns a request into input rows before the pipeline; the pipeline traces
+    `decoder` (the language model) and cuts it at the split points. Rows are one tensor per
+    position (what stages send each other), so a generated token's row can be written into a
+    padded sequence."""
+
+    #: [1, T, width] rows -> fp32 logits [1, T, vocab]; its children keep the checkpoint's names
+    #: (the decoder layers of the profile), so a `split_spec` in those names applies
+    decoder: nn.Module
+    #: the workload's prompt (one request) -> its rows [1, prompt length, width]
+    prompt_rows: Callable[[object], torch.Tensor]
+    #: token ids [1] -> the row of that token [1, width]
+    token_row: Callable[[torch.Tensor], torch.Tensor]
+
+
 class ModelFamily(ABC):
     """How one model (one config of one family) is built, described and run."""
 
@@ -102,11 +125,6 @@ class ModelFamily(ABC):
     def skip_keys(self) -> tuple[str, ...]:
         """Keyword arguments / outputs accelerate must not move between devices (the KV cache)."""
         return ("past_key_values",)
-
-    def not_offloadable(self, units: tuple[UnitSpec, ...]) -> tuple[str, ...]:
-        """Units whose weights cannot be offloaded to `cpu`/`disk` (their forward moves its inputs to its
-        own `self.device`, which is `meta` while offloaded), as dry runs found (`xctune constraints`)."""
-        return ()
 
     def published_map(self, units, n_gpus: int) -> dict | None:
         """The family's own published splitting recipe for `n_gpus` GPUs (the authors' helper), as a
@@ -144,6 +162,14 @@ class ModelFamily(ABC):
     def kv_tensors(self, past) -> list[torch.Tensor]:
         """The KV-cache tensors of a `Generated.past_key_values` (to count their bytes per device)."""
         return [t for kv in past for t in kv]
+
+    def pipeline_parts(self, load: Callable[[], nn.Module]) -> PipelineParts:
+        """The parts the torch pipelining runner needs of the model that `load()` gives (real weights,
+        loaded only where the family provides parts). BadInput where it provides none: the runner
+        then cannot build its stages."""
+        raise BadInput(f"the torch pipelining runner (run_pipeline.py) supports only model families that provide "
+                       f"their pipeline parts (models/base.py pipeline_parts); {self.name} does not: build the stages "
+                       f"from split_spec.json with torch.distributed.pipelining yourself")
 
     @abstractmethod
     def dry_steps(self, model: nn.Module, workload, tracker, device, lift) -> list[torch.Tensor]:

@@ -2,21 +2,23 @@
 
 Everything xctune's generic code used to know by name about IXC lives here: the unit order
 (vision tower, projector, the HD variants' GN vectors, token embeddings, 32 decoder layers,
-final norm, head), the co-location rule of its top-level image/text `torch.cat`, and its
-dry-run steps (vision encode, prefill, first decode step, last decode step on a cache grown
-to full length).
+final norm, head), the co-location rule of its top-level image/text `torch.cat`, its inputs and
+explicit generate loop (vision encode, prefill, cached greedy decode steps), its dry-run steps
+(vision encode, prefill, first decode step, last decode step on a cache grown to full length)
+and the parts torch pipelining needs of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..errors import BadInput
-from .base import Colocation, ModelFamily, Role, UnitSpec
+from ..workload import Generated, Workload, no_clock
+from .base import Colocation, ModelFamily, PipelineParts, Role, UnitSpec
 from .config import XComposerConfig
 from .xcomposer import XComposer, init_weights
 
@@ -61,10 +63,6 @@ class IXCFamily(ModelFamily):
     @property
     def skip_keys(self) -> tuple[str, ...]:
         return ("past_key_values",)
-
-    def not_offloadable(self, units) -> tuple[str, ...]:
-        # design.md §4: the CLIP tower and the root's first parameter decide `self.device`
-        return ("vit", "model.tok_embeddings")
 
     def published_map(self, units, n_gpus: int) -> dict:
         """The authors' helper (examples/utils.py `auto_configure_device_map` in the InternLM-XComposer
@@ -113,8 +111,6 @@ class IXCFamily(ModelFamily):
         return init_weights(XComposer(self.config), seed=seed).eval()
 
     def make_inputs(self, workload, device, *, fake: bool = False):
-        from ..workload import make_inputs
-
         return make_inputs(self.config, workload, device, fake=fake)
 
     def load_weights(self, path) -> nn.Module:
@@ -123,13 +119,36 @@ class IXCFamily(ModelFamily):
         return load_checkpoint(path, self.config)
 
     def generate(self, model, inputs, workload, clock):
-        from ..workload import generate
-
         return generate(model, inputs, workload.new_tokens, clock, workload.hd_layout)
 
-    def dry_steps(self, model, workload, tracker, device, lift=None):
-        from ..workload import extend_cache, generate
+    def pipeline_parts(self, load) -> PipelineParts:
+        """The language model as the pipeline traces it (engines.pipeline_text_model: the image mask
+        rides as the last channel of each row); the first rank encodes the images, joins them with
+        the text embeddings, and embeds each generated token."""
+        from .engines import pack_inputs, pipeline_text_model
 
+        model = load()
+
+        @torch.no_grad()
+        def prompt_rows(workload) -> torch.Tensor:
+            inputs = make_inputs(self.config, workload, "cpu")
+            if inputs.pixels is not None:
+                dtype = next(model.vision_proj.parameters()).dtype
+                image = model.encode_img(inputs.pixels.to(dtype), workload.hd_layout)
+                embeds, mask = model.wrap(inputs.input_ids, image)
+            else:
+                embeds = model.model.tok_embeddings(inputs.input_ids)
+                mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+            return pack_inputs(embeds, mask)
+
+        @torch.no_grad()
+        def token_row(token: torch.Tensor) -> torch.Tensor:
+            embeds = model.model.tok_embeddings(token[:, None])
+            return pack_inputs(embeds, torch.zeros(embeds.shape[:2], dtype=torch.bool))[:, 0]
+
+        return PipelineParts(pipeline_text_model(model), prompt_rows, token_row)
+
+    def dry_steps(self, model, workload, tracker, device, lift=None):
         @contextlib.contextmanager
         def phase(name):
             tracker.phase = name
@@ -148,3 +167,60 @@ class IXCFamily(ModelFamily):
             token = torch.zeros(workload.batch, 1, dtype=torch.long, device=device)
             past = model(input_ids=token, past_key_values=past)["past_key_values"]
         return [t for kv in past for t in kv]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    pixels: torch.Tensor | None  # [batch * images * crops, 3, S, S]
+    input_ids: torch.Tensor  # [batch, prompt_tokens]
+
+
+def make_inputs(cfg: XComposerConfig, w: Workload, device, *, fake: bool = False) -> Inputs:
+    n_crops = w.batch * w.images * cfg.crops_per_image(w.hd_layout)
+    shape = (n_crops, 3, cfg.image_size, cfg.image_size)
+    if fake:  # values do not matter to a fake tensor, only shapes and devices
+        pixels = torch.empty(shape, device=device) if n_crops else None
+        ids = torch.zeros(w.batch, w.prompt_tokens, dtype=torch.long, device=device)
+        return Inputs(pixels, ids)
+    gen = torch.Generator().manual_seed(w.seed)
+    pixels = torch.randn(shape, generator=gen).to(device) if n_crops else None
+    ids = torch.randint(0, cfg.vocab_size, (w.batch, w.prompt_tokens), generator=gen).to(device)
+    return Inputs(pixels, ids)
+
+
+@torch.no_grad()
+def generate(model: XComposer, inputs: Inputs, new_tokens: int, clock=no_clock, layout=None) -> Generated:
+    """Greedy generation: vision encode, prefill, then `new_tokens - 1` decode steps with the KV cache.
+
+    `clock(phase)` is a context manager the caller uses to time or label each phase.
+    """
+    with clock("vision"):
+        image_embeds = model.encode_img(inputs.pixels, layout) if inputs.pixels is not None else None
+    with clock("prefill"):
+        if image_embeds is not None:
+            embeds, im_mask = model.wrap(inputs.input_ids, image_embeds)
+            out = model(inputs_embeds=embeds, im_mask=im_mask)
+        else:
+            out = model(input_ids=inputs.input_ids)
+        token = out["logits"][:, -1].argmax(-1)
+    tokens = [token]
+    for _ in range(new_tokens - 1):
+        with clock("decode"):
+            out = model(input_ids=token[:, None], past_key_values=out["past_key_values"])
+            token = out["logits"][:, -1].argmax(-1)
+        tokens.append(token)
+    return Generated(torch.stack(tokens, dim=1), out["logits"][:, -1], out["past_key_values"])
+
+
+def extend_cache(past_key_values: tuple, extra: int, tracker=None) -> tuple:
+    """A cache `extra` positions longer, on the same devices (used to price the last decode step)."""
+    out = []
+    for k, v in past_key_values:
+        pad_shape = (*k.shape[:2], extra, k.shape[3])
+        k2 = torch.cat([k, torch.zeros(pad_shape, dtype=k.dtype, device=k.device)], dim=2)
+        v2 = torch.cat([v, torch.zeros(pad_shape, dtype=v.dtype, device=v.device)], dim=2)
+        if tracker is not None:
+            tracker.tag(k2, tracker.location(k))
+            tracker.tag(v2, tracker.location(v))
+        out.append((k2, v2))
+    return tuple(out)

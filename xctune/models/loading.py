@@ -110,9 +110,9 @@ def resolve_model(spec: str, trust_remote_code: bool = False, attn: str | None =
         return ModelSpec(spec, hf, Path(spec) if spec not in HF_PRESETS else None, trust_remote_code).with_attention(attn)
     path = Path(spec)
     if not path.is_dir():
-        raise BadInput(
-            f"unknown model {spec!r}: not a preset ({', '.join((*PRESETS, *HF_PRESETS))}) nor a checkpoint directory"
-        )
+        from .presets import preset_names
+
+        raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(preset_names())}) nor a checkpoint directory")
     config, notes = config_from_dir(path)
     return ModelSpec(spec, config, path, trust_remote_code, notes).with_attention(attn)
 

@@ -63,7 +63,6 @@ class ModelProfile:
     buffer_numels: tuple[tuple[str, int], ...]
     colocation_reason: str = ""
     tied: tuple[tuple[str, ...], ...] = ()  # parameter names that are one tensor
-    not_offloadable: tuple[str, ...] = ()  # units whose weights cannot leave the GPU (models/base.py)
     family: object = field(default=None, compare=False, repr=False)  # models.base.ModelFamily
 
     @cached_property
@@ -110,19 +109,13 @@ class ModelProfile:
         return self.with_role(Role.EMBEDDINGS)[0]
 
     @cached_property
-    def _unit_by_prefix(self) -> dict[str, str]:
-        return {u.name: u.name for u in self.units}
+    def _unit_names(self) -> frozenset[str]:
+        return frozenset(u.name for u in self.units)
 
     def unit_of(self, name: str) -> str:
-        """The unit a parameter or buffer name belongs to (the longest unit name that prefixes it)."""
-        units = self._unit_by_prefix
-        probe = name
-        while True:
-            if probe in units:
-                return probe
-            if "." not in probe:
-                return name  # not under any unit
-            probe = probe.rpartition(".")[0]
+        """The unit a parameter or buffer name belongs to (the longest unit name that prefixes it);
+        the name itself where no unit holds it."""
+        return _owning_unit(name, self._unit_names)
 
     def group_of(self, unit: str) -> str:
         return self.by_name[unit].group
@@ -141,28 +134,29 @@ class ModelProfile:
         return getattr(self.config, "attn", None) or "sdpa"
 
 
+def _owning_unit(name: str, unit_names: frozenset[str]) -> str:
+    """The one lookup behind `ModelProfile.unit_of` (profile_of needs it before the profile exists)."""
+    probe = name
+    while probe not in unit_names and "." in probe:
+        probe = probe.rpartition(".")[0]
+    return probe if probe in unit_names else name
+
+
 @cache
 def profile_of(config) -> ModelProfile:
     """Read the unit list off a `meta` instance of the model (no memory, milliseconds)."""
     family = family_of(config)
     model = family.build_meta()
     specs = family.units(model)
-    names = {s.name for s in specs}
-
-    def unit(name: str) -> str:
-        probe = name
-        while probe not in names and "." in probe:
-            probe = probe.rpartition(".")[0]
-        return probe if probe in names else name
-
+    names = frozenset(s.name for s in specs)
     params: dict[str, int] = {}
     buffers: dict[str, int] = {}
     int_buffers: dict[str, int] = {}
     for name, p in model.named_parameters():
-        u = unit(name)
+        u = _owning_unit(name, names)
         params[u] = params.get(u, 0) + p.numel()
     for name, b in model.named_buffers():
-        u = unit(name)
+        u = _owning_unit(name, names)
         if b.is_floating_point():
             buffers[u] = buffers.get(u, 0) + b.numel()
         else:
@@ -183,7 +177,6 @@ def profile_of(config) -> ModelProfile:
         tuple((n, b.numel()) for n, b in model.named_buffers()),
         colocation_reason=coloc.reason if coloc else "",
         tied=family.tied_weights(model),
-        not_offloadable=family.not_offloadable(specs),
         family=family,
     )
 

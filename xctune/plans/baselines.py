@@ -1,8 +1,8 @@
 """The maps people use today, to measure against.
 
 - `authors`: the model family's own published splitting recipe, where it has one (the family
-  supplies it: models/base.py `published_map`) — for the embedded InternLM-XComposer the authors'
-  helper, for InternVL OpenGVLab's `split_model`.
+  supplies it: models/base.py `published_map`, e.g. the authors' own helper that deals the decoder
+  layers out evenly).
 - `accelerate-sequential` / `accelerate-balanced`: accelerate's `infer_auto_device_map`
   (balanced = with `get_balanced_memory`, what `device_map="auto"` does), computed on a `meta`
   instance of the model. These may break co-location; `repair` gives the nearest valid map.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import shown
 from ..hardware import GiB, Cluster
 from ..worlds.placement import OFFLOAD_TIERS, exec_location, main_location, require_gpu
+from . import constraints
 from .plan import Plan, Resolution, resolve
 from ..models.profile import DTYPE_BYTES, ModelProfile
 from ..worlds.virtual import VirtualRun, virtual_run
@@ -78,7 +79,8 @@ def weight_bytes(plan: Plan, profile: ModelProfile, res: Resolution) -> dict:
 # static rules
 
 
-def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution) -> list[Finding]:
+def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Resolution, found) -> list[Finding]:
+    """Structural rules, then the rules `found` (constraints.ConstraintReport) discovered by dry runs."""
     f: list[Finding] = []
     known = sorted({u.name for u in profile.units} | {n for n, _ in profile.param_numels})
     for key in res.unknown_keys[:5]:
@@ -120,7 +122,8 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
                     f.append(
                         Finding("error", "dtype", f"{group} runs in {dtype} on cuda:{i} ({cluster.gpus[i].name}), which has no {dtype} support")
                     )
-    f += _colocation(plan, profile, res)
+    if not any(x.code in _STRUCTURAL for x in f):
+        f += _discovered(plan, profile, res, found)
     f += _path_warnings(plan, profile, res)
     main = main_location(plan.device_map)
     for p in profile.root_parameters:
@@ -136,27 +139,43 @@ def static_findings(plan: Plan, profile: ModelProfile, cluster: Cluster, res: Re
     return f
 
 
-def _colocation(plan, profile, res) -> list[Finding]:
-    """The static rule, by where each member *executes* (an offloaded module runs on the main GPU)."""
+DISCOVERED = ("colocation", "main-gpu", "not-offloadable")  # the codes of the rules dry runs discovered
+
+
+def _discovered(plan, profile, res, found) -> list[Finding]:
+    """The rules dry runs of the model's twin discovered (constraints.py), by where each unit *executes*
+    (an offloaded module runs on the main GPU): units that fail when moved alone share one device;
+    units that fail off the main GPU sit there; units that fail offloaded stay on a GPU."""
     main = main_location(plan.device_map)
-    group = [u for u in profile.colocation if u in res.unit_devices]
+    out = []
+    group = [u for u in found.required_together if u in res.unit_devices]
     where = {u: res.unit_devices[u] for u in group}
     runs_on = {u: {exec_location(d, main) for d in ds} for u, ds in where.items()}
-    if len(set().union(*runs_on.values())) <= 1:
-        return []
-    anchor = res.device_of_unit(profile.embeddings)
-    if anchor is None or anchor in OFFLOAD_TIERS:
-        anchor = main
-    movers = [u for u in group if runs_on[u] != {anchor}]
-    placed = ", ".join(f"{u} on {'/'.join(dev_name(d) for d in where[u])}" for u in group)
-    return [
-        Finding(
-            "error",
-            "colocation",
-            f"co-location group split across devices: {placed}; {profile.colocation_reason}. "
-            f"Repair: put {_names(movers)} on {dev_name(anchor)}",
-        )
-    ]
+    if group and len(set().union(*runs_on.values())) > 1:
+        anchor = res.device_of_unit(profile.embeddings)
+        if anchor is None or anchor in OFFLOAD_TIERS:
+            anchor = main
+        movers = [u for u in group if runs_on[u] != {anchor}]
+        placed = ", ".join(f"{u} on {'/'.join(dev_name(d) for d in where[u])}" for u in group)
+        out.append(Finding(
+            "error", "colocation",
+            f"co-location group split across devices: {placed}; dry runs of the model's twin fail when "
+            f"{group[0]} alone moves ({found.cause(group[0], 'other GPU')}). Repair: put {_names(movers)} on {dev_name(anchor)}"))
+    off_main = [u for u in found.main_gpu if u in res.unit_devices
+                and {exec_location(d, main) for d in res.unit_devices[u]} != {main}]
+    if off_main:
+        out.append(Finding(
+            "error", "main-gpu",
+            f"{_names(off_main)} must run on the main GPU {dev_name(main)}: dry runs of the model's twin fail "
+            f"when they move off it together ({found.cause(off_main[0], constraints.GROUP)}). Repair: put them on {dev_name(main)}"))
+    for u in found.not_offloadable:
+        tiers = [d for d in res.unit_devices.get(u, ()) if d in OFFLOAD_TIERS]
+        if tiers:
+            out.append(Finding(
+                "error", "not-offloadable",
+                f"{u} is offloaded to {tiers[0]}, but dry runs of the model's twin fail with it offloaded "
+                f"({found.cause(u, 'cpu offload')}). Repair: put it on a GPU"))
+    return out
 
 
 def lm_path(profile: ModelProfile) -> list[str]:
@@ -386,34 +405,36 @@ def decode_bytes_by_loader(profile: ModelProfile, plan: Plan, workload: Workload
 _STRUCTURAL = {"unknown-module", "uncovered", "covered-twice", "unknown-device", "dtype"}
 
 
-def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload) -> CheckReport:
+def check(plan: Plan, profile: ModelProfile, cluster: Cluster, workload: Workload, found=None) -> CheckReport:
+    """`found`: the model's discovered constraints (constraints.constraint_report); by default read from
+    the cache, or discovered by dry runs of the model's twin the first time."""
+    if found is None:
+        from .constraints import constraint_report
+        from ..worlds.trace_cache import default_dir
+
+        found = constraint_report(profile, default_dir())
     res = resolve(plan.device_map, profile)
-    findings = static_findings(plan, profile, cluster, res)
+    findings = static_findings(plan, profile, cluster, res, found)
     report = CheckReport(plan, cluster, workload, findings, profile=profile)
     if any(f.code in _STRUCTURAL for f in findings):
         return report  # accelerate would refuse the map before running anything
     require_gpu(plan.device_map)
     dr = virtual_run(profile, plan, workload)
     report.dry_run = dr
-    static_coloc = any(f.code == "colocation" for f in findings)
+    predicted = [f for f in findings if f.code in DISCOVERED]
     if dr.failure is not None:
-        if not (static_coloc and dr.failure.kind == "device-mismatch"):
-            findings.append(Finding("error", dr.failure.kind, f"dry run fails: {dr.failure.describe()}"))
+        # the dry run is the judge: it confirms a predicted split with the device error, an offload with any
+        confirmed = [f for f in predicted if f.code == "not-offloadable" or dr.failure.kind == "device-mismatch"]
+        if confirmed:
+            findings[:] = [Finding(f.level, f.code, f"{f.message}; the dry run confirms: {dr.failure.describe()}")
+                           if f in confirmed else f for f in findings]
         else:
-            findings[:] = [
-                Finding(f.level, f.code, f.message + f"; the dry run confirms: {dr.failure.describe()}")
-                if f.code == "colocation"
-                else f
-                for f in findings
-            ]
-    elif static_coloc:
-        # the static rule is conservative: the dry run shows this split runs (e.g. a vision tower alone elsewhere)
-        findings[:] = [
-            Finding("warning", "colocation-relaxed", f.message.split(f"; {profile.colocation_reason}")[0] + ": the static rule "
-                    "forbids this, but the dry run shows it runs (the output crosses devices instead)")
-            if f.code == "colocation" else f
-            for f in findings
-        ]
+            findings.append(Finding("error", dr.failure.kind, f"dry run fails: {dr.failure.describe()}"))
+    elif predicted:
+        # found on the twin, not true of this model: the dry run of the model itself wins
+        findings[:] = [Finding("warning", f"{f.code}-relaxed", f"{f.message.split('. Repair:')[0]}: but the dry run "
+                               f"of this model runs (the rule found on its twin does not hold here)")
+                       if f in predicted else f for f in findings]
     if dr.ok:
         report.decode_by_loader = decode_bytes_by_loader(profile, plan, workload, dr)
     weights = weight_bytes(plan, profile, res)
@@ -453,16 +474,19 @@ def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload:
 
     path = key = None
     if cache_dir is not None:
-        key = {"format": "xctune-verdict/1", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
+        key = {"format": "xctune-verdict/2", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
                "workload": workload.to_dict(), "cluster": repr(cluster), "plan": plan.to_dict(),
                "versions": trace_cache.library_versions()}
         key = json.loads(json.dumps(key, sort_keys=True, default=repr))  # as it reads back from the file
-        path = trace_cache.verdict_path(cache_dir, key)
-        kept = trace_cache.load_verdict(path, key)
+        path = trace_cache.json_entry_path(cache_dir, "verdict", key)
+        kept = trace_cache.load_json_entry(path, key)
         if kept is not None:
-            return Verdict(kept["ok"], tuple(kept["errors"]), cached=True)
+            try:
+                return Verdict(bool(kept["ok"]), tuple(str(e) for e in kept["errors"]), cached=True)
+            except (KeyError, TypeError):
+                pass  # an entry of the right key but not a verdict's shape: checked again, written over
     report = check(plan, profile, cluster, workload)
     verdict = Verdict(report.ok, tuple(f.message for f in report.errors))
     if path is not None:
-        trace_cache.save_verdict(path, key, verdict.ok, list(verdict.errors))
+        trace_cache.save_json_entry(path, key, {"ok": verdict.ok, "errors": list(verdict.errors)})
     return verdict

@@ -1,8 +1,8 @@
 """The co-location rules of a model: the static rule, and what dry runs show is truly required.
 
-The static rule (profile.colocation) is conservative (for the embedded IXC: everything that
-feeds the top-level join of image and text embeddings; for a transformers class: weights tied
-into one tensor). Dry runs probe the parts the field gets wrong — vision tower, projector, root
+The static rule (profile.colocation) is conservative, as the family states it (models/base.py
+`static_colocation`: e.g. everything that feeds a top-level join of image and text embeddings,
+or weights tied into one tensor). Dry runs probe the parts the field gets wrong — vision tower, projector, root
 parameters, token embeddings, head — each moved alone to another GPU and offloaded to the host,
 and the static group moved together off the main GPU. They run on a shrunk twin of the model
 (same code, same flags, small dimensions: the family's `twin()`), so the probes take seconds;
@@ -56,6 +56,13 @@ class ConstraintReport:
     root_parameters: tuple[str, ...] = ()
     static_reason: str = ""
 
+    def cause(self, unit: str, placement: str) -> str:
+        """The error of the failing probe of `unit` at `placement` (a member of a group probe counts)."""
+        for p in self.probes:
+            if p.placement == placement and not p.runs and unit in p.unit.split(" + "):
+                return p.cause
+        return ""
+
     def disagreements(self) -> list[str]:
         out = []
         for p in self.probes:
@@ -103,17 +110,62 @@ class ConstraintReport:
         return "\n".join(lines)
 
 
-def constraint_report(profile: ModelProfile) -> ConstraintReport:
-    twin = profile_of(profile.family.twin())
+FORMAT = "xctune-constraints/1"  # the probes of every unit but decoder layers and root parameters
+
+
+def constraint_report(profile: ModelProfile, cache_dir=None, log=None) -> ConstraintReport:
+    """The constraints of `profile`'s model, found by dry runs of its twin, or read from `cache_dir`
+    where the same twin was probed with the same library versions (trace_cache.py: plain JSON with
+    its key). `log` hears about the dry runs before they start (they take seconds to a minute)."""
+    import json
+    from dataclasses import asdict
+
+    from ..worlds import trace_cache
+
+    twin_config = profile.family.twin()
+    path = key = None
+    if cache_dir is not None:
+        key = json.loads(json.dumps({"format": FORMAT, "twin": asdict(twin_config),
+                                     "versions": trace_cache.library_versions()}, sort_keys=True, default=repr))
+        path = trace_cache.json_entry_path(cache_dir, "constraints", key)
+        kept = trace_cache.load_json_entry(path, key)
+        if kept is not None:
+            try:
+                probes = [Probe(str(p["unit"]), str(p["placement"]), bool(p["runs"]), str(p["cause"])) for p in kept["probes"]]
+                joins = [(str(op), tuple(str(u) for u in units)) for op, units in kept["joins"]]
+                return _report(profile, probes, joins)
+            except (KeyError, TypeError, ValueError):
+                pass  # the right key but not this shape: probed again, written over
+    if log is not None:
+        log(f"discovering the constraints of {profile.config.name}: dry runs of its twin, each part moved "
+            f"(once per model and library versions)...")
+    probes, joins = _probe_twin(twin_config)
+    if path is not None:
+        trace_cache.save_json_entry(path, key, {"probes": [p.__dict__ for p in probes], "joins": [list(j) for j in joins]})
+    return _report(profile, probes, joins)
+
+
+def _report(profile: ModelProfile, probes, joins) -> ConstraintReport:
+    # the twin has the model's module tree (fewer, smaller layers): its root parameters are the model's
+    return ConstraintReport(
+        profile.config.name, profile.colocation, list(probes), list(joins), profile.root_parameters, profile.colocation_reason
+    )
+
+
+@cache
+def _probe_twin(twin_config) -> tuple[list[Probe], list[tuple[str, tuple[str, ...]]]]:
+    twin = profile_of(twin_config)
     units = [u.name for u in twin.units]
     base = {u: 0 for u in units}
     w = Workload(prompt_tokens=4, new_tokens=2)
     probes = []
-    members = twin.with_role(*PROBED_ROLES)
-    for member in members:
+    moved = twin.with_role(*PROBED_ROLES)
+    # root parameters always stay on the main device; decoder layers stream their weights like any module
+    offloaded = [u.name for u in twin.units if not u.is_parameter and u.name not in twin.layers]
+    for member in dict.fromkeys([*moved, *offloaded]):
         for placement, dev in (("other GPU", 1), ("cpu offload", "cpu")):
-            if placement == "cpu offload" and twin.by_name[member].is_parameter:
-                continue  # root parameters always stay on the main device
+            if (placement == "other GPU" and member not in moved) or (placement == "cpu offload" and member not in offloaded):
+                continue
             run = virtual_run(twin, Plan.uniform({**base, member: dev}), w)
             probes.append(Probe(member, placement, run.ok, run.failure.describe() if run.failure else ""))
     group = [u for u in twin.colocation if not twin.by_name[u].is_parameter]
@@ -125,9 +177,7 @@ def constraint_report(profile: ModelProfile) -> ConstraintReport:
         twin, Plan.uniform(base), w, physical_map=base, locations={u: u for u in units}, main_loc="<main>"
     )
     joins = list(dict.fromkeys((op, tuple(str(x) for x in locs)) for op, locs, _ in run.joins))
-    return ConstraintReport(
-        profile.config.name, profile.colocation, probes, joins, twin.root_parameters, profile.colocation_reason
-    )
+    return probes, joins
 
 
 def confirmed_joins(profile: ModelProfile, joins: list) -> list:
@@ -173,21 +223,18 @@ def _fails_alone(twin_config, unit: str) -> bool:
 
 
 def offloadable(profile: ModelProfile, unit: str) -> bool:
-    """Whether `unit`'s weights may be offloaded (`cpu`), by the family's word or a dry run of its twin with
-    that unit alone offloaded (Idefics3's and Mllama's vision towers read the device of their own weights,
-    `meta` while offloaded). Decoder layers and root parameters are not probed: layers stream their
-    weights like any module, root parameters stay on the main device."""
-    if unit in profile.not_offloadable:
-        return False
+    """Whether `unit`'s weights may be offloaded (`cpu`), by the dry run of the twin with that unit alone
+    offloaded (the constraint report: a vision tower or embeddings that read the device of their own
+    weights see `meta` while offloaded). Decoder layers and root parameters are not probed: layers
+    stream their weights like any module, root parameters stay on the main device."""
     spec = profile.by_name.get(unit)
     if spec is None or spec.is_parameter or unit in profile.layers:
         return True
-    twin = profile_of(profile.family.twin())
-    return unit not in twin.by_name or not _fails_offloaded(twin.config, unit)
+    return unit not in _not_offloadable(profile)
 
 
 @cache
-def _fails_offloaded(twin_config, unit: str) -> bool:
-    twin = profile_of(twin_config)
-    plan = Plan.uniform({u.name: ("cpu" if u.name == unit else 0) for u in twin.units})
-    return not virtual_run(twin, plan, Workload(prompt_tokens=4, new_tokens=2)).ok
+def _not_offloadable(profile: ModelProfile) -> frozenset:
+    from ..worlds.trace_cache import default_dir
+
+    return frozenset(constraint_report(profile, default_dir()).not_offloadable)

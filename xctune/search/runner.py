@@ -39,6 +39,7 @@ from .space import SearchSpace
 from .storage import mask_url, open_storage
 from .study import MAXIMISED, StudySpec
 from .targets import TensorParallel, serving_estimate, serving_fields, target_cluster, tp_size
+from ..worlds import trace_cache
 from ..worlds.trace import InvalidPlan, Trace
 from .worker import Worker
 
@@ -166,14 +167,6 @@ class SearchResult:
     exports: list = field(default_factory=list)  # (target, Export | None, error) written with the outputs
 
 
-def trace_cache_dir() -> Path:
-    """Where recorded traces are kept between runs: $XCTUNE_CACHE, else ~/.cache/xctune."""
-    import os
-
-    root = os.environ.get("XCTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xctune"
-    return Path(root) / "traces"
-
-
 def _sampler(spec: StudySpec):
     name = spec.sampler
     if name == "auto":
@@ -246,7 +239,7 @@ def run_search(spec: StudySpec, progress: bool = True, log=print) -> SearchResul
     cluster = target_cluster(full, spec.target)
     tp = TensorParallel(tp_size(full, spec.target), full.node_links[0]) if spec.target.tensor_parallel == "node" else None
     eff = Efficiency.load(spec.calibration) if spec.calibration else Efficiency()
-    cache = trace_cache_dir()
+    cache = trace_cache.default_dir()
     if spec.real:
         evaluator = RealEvaluator(spec, profile, cluster, eff, cache, model_spec)
     else:

@@ -1,7 +1,7 @@
 """Study files: what a search runs (model, cluster, workload, space, objectives, trials), in TOML.
 
     name = "default"
-    model = "ixc2-vl-7b"
+    model = "PRESET"                  # or a checkpoint directory (default: models/presets.py DEFAULT_MODEL)
     trials = 50
     objectives = ["latency"]          # any of latency, peak_mem, transfer, throughput
     attn = "eager"                    # optional: eager | sdpa | flash (default: the checkpoint's)
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import BadInput, shown
+from ..models.presets import DEFAULT_MODEL
 from .space import SpaceOptions
 from .targets import TARGETS, TENSOR_PARALLEL, TargetSpec
 from ..workload import Workload
@@ -162,7 +163,7 @@ OVERRIDES = {"model": ("", "model"), "gpus": ("cluster", "gpus"), "trials": ("",
 @dataclass(frozen=True)
 class StudySpec:
     name: str = "default"
-    model: str = "ixc2-vl-7b"
+    model: str = DEFAULT_MODEL
     gpus: str | None = "2x24GiB"
     link: str = "pcie4"
     headroom: float = 0.10
@@ -184,7 +185,7 @@ class StudySpec:
     storage: str | None = None
     heartbeat: int = 5  # seconds between a running trial's heartbeats; 4 missed and it is re-run elsewhere
     trust_remote_code: bool = False  # command line only: a study file never grants it
-    attn: str | None = None  # attention the model runs; None: the checkpoint's (eager for the published IXC)
+    attn: str | None = None  # attention the model runs; None: the checkpoint's (as its published config declares)
     loader: str = "xctune"  # the loading path users will take: "xctune" (load_best_map.py) or "from_pretrained"
     out: str | None = None  # default results/<name>
     source: str = ""  # the study file
@@ -258,7 +259,7 @@ def load_study(path) -> StudySpec:
     options = SpaceOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
     return StudySpec(
         name=top.get("name", path.stem),
-        model=top.get("model", "ixc2-vl-7b"),
+        model=top.get("model", DEFAULT_MODEL),
         attn=top.get("attn"),
         loader=top.get("loader", "xctune"),
         gpus=cluster.get("gpus"),

@@ -61,7 +61,7 @@ class PlanRules:
 
 
 ACCELERATE_RULES = PlanRules()
-PIPELINE_RULES = PlanRules(first_and_last=True, min_layers=1, free_move_kinds=("output",))
+PIPELINE_RULES = PlanRules(first_and_last=True, min_layers=1, free_move_kinds=("return",))
 
 
 @dataclass(frozen=True)

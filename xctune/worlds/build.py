@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from . import vdevice
-from ..models import XComposerConfig
 from ..models.families import family_of
 from .placement import OFFLOAD_TIERS
 from ..plans.plan import Plan, resolve
 from ..models.profile import DTYPES, ModelProfile
+
 
 def cast_units(model: nn.Module, plan: Plan, profile: ModelProfile) -> nn.Module:
     """Give each unit its group's dtype (on `meta` this costs nothing)."""
@@ -52,6 +52,7 @@ def _map_device(device_map, unit: str):
     return device_map[max(keys, key=len)] if keys else 0
 
 
-def host_model(config: XComposerConfig, seed: int = 0) -> torch.nn.Module:
-    """Real random weights on the CPU, fp32: the master copy trials are cast and placed from."""
+def host_model(config, seed: int = 0) -> torch.nn.Module:
+    """Real random weights on the CPU, fp32: the master copy trials are cast and placed from (`config`:
+    any family's, models/families.py)."""
     return family_of(config).build_host(seed)

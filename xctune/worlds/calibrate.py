@@ -2,8 +2,8 @@
 
 1. Measure the host device's peaks with micro-benchmarks (a large matmul per dtype, a large
    copy): the "host" device the virtual executor can then describe (`--gpus host`).
-2. Measure the tiny model for real on training workloads x training plans (single device and
-   split over two logical devices, fp32, bf16 and mixed, layers and `vision_proj` offloaded to
+2. Measure a small model (models/presets.py CALIBRATION_MODEL) for real on training workloads x training plans (single device and
+   split over two logical devices, fp32, bf16 and mixed, layers and the projector offloaded to
    disk), every plan of a workload placed at once and timed in turns (interleaved rounds), so
    a change of the machine's load hits all plans alike; each sample keeps its spread.
 3. Fit the twin's factors on the training samples, per phase time (least squares on relative
@@ -35,6 +35,7 @@ from .costmodel import DtypeEfficiency, Efficiency
 from ..errors import BadInput
 from ..hardware import GiB, Cluster, GPUSpec, LinkSpec, make_cluster
 from ..models.loading import ModelSpec
+from ..models.presets import CALIBRATION_MODEL
 from ..plans.plan import Plan
 from .real import HostExecutor, Prepared, host_ram_bytes, torch_threads
 from .virtual import quiet_accelerate
@@ -139,12 +140,12 @@ def calibration_plans(profile) -> tuple[list[Plan], list[Plan]]:
         s.build([L // 2, L - L // 2], 0, 1, f32, label="split fp32"),
         s.build([1, L - 1], 0, 1, {"vision": "bf16", "lm": "fp32", "head": "bf16"}, label="split mixed"),
         s.build([L - 2], 0, 0, f32, 2, "disk", label="2 layers on disk, fp32"),
-        s.build([1, L - 2], 0, 1, b16, 1, "disk", "disk", label="1 layer + vision_proj on disk, bf16, split"),
+        s.build([1, L - 2], 0, 1, b16, 1, "disk", "disk", label="1 layer + projector on disk, bf16, split"),
     ]
     held = [
         s.build([L - 1, 1], 1, 0, {"vision": "fp32", "lm": "bf16", "head": "fp32"}, label="split, lm bf16"),
         s.build([1, L - 2], 0, 1, {"vision": "bf16", "lm": "bf16", "head": "fp32"}, 1, "disk", label="1 layer on disk, split"),
-        s.build([L], 0, 0, {"vision": "fp32", "lm": "fp32", "head": "bf16"}, 0, None, "disk", label="vision_proj on disk"),
+        s.build([L], 0, 0, {"vision": "fp32", "lm": "fp32", "head": "bf16"}, 0, None, "disk", label="projector on disk"),
     ]
     return train, held
 
@@ -524,7 +525,7 @@ class Calibration:
         for k, v in self.links.items():
             lines.append(f"  {k} move: {v.latency_us:.1f} us + bytes at {v.bandwidth_gbs:.3g} GB/s")
         lines += [
-            "prediction error of the twin against measurements of the tiny model on this machine:",
+            f"prediction error of the twin against measurements of {self.model} on this machine:",
             f"  {'phase':<8} {'held-out mean |err|':>20} {'max |err|':>10} {'train mean |err|':>17} {'noise (cv)':>11}",
         ]
         for p in PHASES:
@@ -550,14 +551,14 @@ def calibrate(spec: ModelSpec, repeats: int = 5, progress=None, train_set=TRAIN,
               plans=None, agreement_study=None, agreement_plans: int = 18, agreement_rounds: int = 10,
               cache_dir=None, out: Path | None = None) -> Calibration:
     if spec.profile.total_params > 50_000_000:
-        raise BadInput("calibrate measures a small model for real: use --model tiny (or a small checkpoint)")
+        raise BadInput(f"calibrate measures a small model for real: use --model {CALIBRATION_MODEL} (or a small checkpoint)")
     if repeats < 2:
         raise BadInput("--repeats must be at least 2 (the spread of the repeats is part of the result)")
     t0 = time.perf_counter()
     if cache_dir is None:
-        from ..search.runner import trace_cache_dir
+        from .trace_cache import default_dir
 
-        cache_dir = trace_cache_dir()
+        cache_dir = default_dir()
     host = measure_host(threads=threads)
     train_plans, held_plans = plans or calibration_plans(spec.profile)
     train, test = collect(spec, host, [(train_set, train_plans), (held_out, held_plans)], repeats, threads, cache_dir,

@@ -10,9 +10,10 @@ device the op would have used.
 
 Two checks real CUDA makes and fake kernels skip:
 - `aten.index` / `index_put_` accept indices on the CPU or on the indexed tensor's device, never
-  on another GPU (a wrong map of PaliGemma fails exactly there);
+  on another GPU (a wrong map of a model that indexes its embeddings with a mask made on the main
+  GPU fails exactly there);
 - `torch.tensor([...0-d tensors...])` reads values below the Python modes: it is answered from
-  the shadows too (Qwen2-VL's rope index).
+  the shadows too (a rope index built from the image grid).
 """
 
 from __future__ import annotations

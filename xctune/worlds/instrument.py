@@ -51,7 +51,7 @@ class Move:
     src: Location
     dst: Location
     nbytes: int
-    kind: str  # "input" (a unit's argument), "output" (the root's output sent back), "weights" (offload),
+    kind: str  # "input" (a unit's argument), "return" (the root's result sent back to the caller), "weights" (offload),
     # "model" (a copy the model's own code makes: `image_features.to(inputs_embeds.device)`)
     unit: str  # the unit whose hook made the move
 
@@ -194,7 +194,7 @@ class MoveCounter(ModelHook):
                     tr.tag(t, self.loc)
         if self.is_root:
             before = len(tr.moves)
-            output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="output", unit=self.unit)
+            output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="return", unit=self.unit)
             tr.timer.start(len(tr.moves) > before)
         tr.exit(self.unit)
         tr.in_hooks += 1

@@ -27,6 +27,7 @@ from ..errors import BadInput
 from ..hardware import Cluster
 from .instrument import FusedAttention, MoveTimer, OpRecorder
 from ..models.loading import ModelSpec
+from ..models.presets import CALIBRATION_MODEL
 from .placement import ONLY_DISK, OFFLOAD_TIERS, HostWorld, dispatch, exec_location, main_location, undispatch
 from ..plans.plan import Plan, resolve
 from ..plans.check import weight_bytes
@@ -212,7 +213,8 @@ class HostExecutor:
         if self.spec.checkpoint is None and ram and need > 0.6 * ram:
             raise BadInput(
                 f"measuring {self.spec.source} for real needs its {need / 2**30:.0f} GiB of fp32 weights in RAM "
-                f"({ram / 2**30:.0f} GiB here); use --model tiny, a checkpoint, or the virtual executor (--gpus)"
+                f"({ram / 2**30:.0f} GiB here); use a small model (--model {CALIBRATION_MODEL}), a checkpoint, or the "
+                f"virtual executor (--gpus)"
             )
         if self.repeats < 1 or self.warmup < 0:
             raise BadInput("--repeats must be at least 1 and --warmup at least 0")
@@ -299,7 +301,7 @@ class HostExecutor:
                                  f"the plan uses cuda:{bad[0]}, the budget names {n_logical} device(s)", devices, label)
         if collapsed:
             # Logical devices share one physical device, which forgives what GPUs refuse (a split
-            # co-location group, an offloaded vit). The dry run on virtual GPUs says what GPUs would do.
+            # co-location group, an offloaded vision tower). The dry run on virtual GPUs says what GPUs would do.
             refused = _gpu_refusal(self.profile, plan, self.workload.hd_layout)
             if refused:
                 return failed_record(plan, self.profile, self.workload, "measured", "invalid", refused, devices, label)
@@ -308,16 +310,7 @@ class HostExecutor:
         try:
             with torch_threads(self.threads), quiet_accelerate():
                 t0 = time.perf_counter()
-                physical = lambda loc: self.world.physical(loc, collapsed) if loc != "disk" else "cpu"  # noqa: E731
-                model = self.master.model_for(plan, self.profile, physical)
-                placed = dispatch(
-                    model,
-                    plan.device_map,
-                    self.world,
-                    skip_keys=plan.skip_keys,
-                    unit_dtypes=unit_torch_dtypes(self.profile, plan) if plan.mixed else None,
-                    collapsed=collapsed,
-                )
+                placed = self.place(plan, collapsed)
                 placement_ms = (time.perf_counter() - t0) * 1e3
                 prepared = Prepared(plan, label, placed, self.inputs(placed.physical_main),
                                     placed.physical_main.startswith("cuda") and not collapsed, devices, placement_ms, {})
@@ -330,6 +323,17 @@ class HostExecutor:
             if placed is not None:
                 undispatch(placed.model)
             return self._failure(plan, devices, label, e)
+
+    def place(self, plan: Plan, collapsed: bool | None = None):
+        """The plan's model on this machine's devices, from the master copy, behind accelerate's hooks
+        plus xctune's counting hooks and, where the plan mixes precisions, the casts between its
+        groups (placement.dispatch): what every trial runs. Offloaded weights start on the CPU
+        (accelerate streams them to the execution device at each call). Undo with `undispatch`."""
+        collapsed = self.world.collapsed_for(plan.device_map) if collapsed is None else collapsed
+        physical = lambda loc: self.world.physical(loc, collapsed) if loc != "disk" else "cpu"  # noqa: E731
+        model = self.master.model_for(plan, self.profile, physical)
+        return dispatch(model, plan.device_map, self.world, skip_keys=plan.skip_keys,
+                        unit_dtypes=unit_torch_dtypes(self.profile, plan) if plan.mixed else None, collapsed=collapsed)
 
     def release(self, prepared: Prepared) -> None:
         undispatch(prepared.placed.model)

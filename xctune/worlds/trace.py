@@ -70,7 +70,6 @@ class Trace:
         self,
         profile: ModelProfile,
         workload: Workload,
-        not_offloadable: tuple[str, ...] | None = None,
         cache_dir: Path | None = None,
     ):
         self.profile, self.workload = profile, workload
@@ -78,7 +77,6 @@ class Trace:
         self.units = [u.name for u in profile.units]
         self.holders = [MAIN, *self.units]
         self.holder_index = {h: i for i, h in enumerate(self.holders)}
-        self.not_offloadable = profile.not_offloadable if not_offloadable is None else not_offloadable
         # units whose weights are one tied tensor (a head tied to the embeddings): one device, or a real run fails
         self.tied_units = [tuple(dict.fromkeys(profile.unit_of(p) for p in group)) for group in profile.tied]
         self.tied_units = [g for g in self.tied_units if len(g) > 1 and all(u in self.holder_index for u in g)]
@@ -175,7 +173,7 @@ class Trace:
 
     def joins_main(self, units, dtype: str) -> bool:
         """Whether a top-level join ties one of `units` to the root's own tensors (the main device):
-        then they must sit on the main GPU (PaliGemma's embeddings, design.md §8). Joins do not depend
+        then they must sit on the main GPU (embeddings indexed by a mask the root made, design.md §8). Joins do not depend
         on widths: the trace of `dtype` answers."""
         probe = Plan({u: 0 for u in self.units}, {g: dtype for g in GROUPS})
         return any(MAIN in locs and set(locs) & set(units) for _, locs, _ in self.recording(probe).run.joins)
@@ -210,7 +208,7 @@ class Trace:
         for u, d in placed.items():
             if isinstance(d, int) and d >= len(cluster.gpus):
                 raise InvalidPlan("error", f"{u} is on cuda:{d}, outside the cluster")
-            if d in OFFLOAD_TIERS and (u in self.not_offloadable or not offloadable(self.profile, u)):
+            if d in OFFLOAD_TIERS and not offloadable(self.profile, u):
                 raise InvalidPlan("meta-copy", f"{u} cannot be offloaded: Cannot copy out of meta tensor")
         root = set(self.profile.root_parameters)
         # where each holder executes: offloaded units and root parameters run on the main device

@@ -8,8 +8,10 @@ calls, moves, joins and memory figures. The digest is a SHA-256 of the key; the 
 stored and compared on load, so a file copied from another model, workload or library version
 is never used.
 
-The dry-run verdict on a search's best plan is kept the same way, as `verdict-<digest>.json`
-(plain JSON holding its key), so that a warm search of the same study runs no dry run.
+Small results are kept as plain JSON holding their key, `<kind>-<digest>.json`: the dry-run verdict
+on a search's best plan (`verdict`), so that a warm search of the same study runs no dry run, and
+the constraints dry runs discovered for a model (`constraints`, plans/constraints.py), so that
+`check`'s static rules cost milliseconds after the first time.
 
 Nothing in the cache directory is ever unpickled or executed. A file that is not a readable
 entry for this key (corrupt, truncated, foreign, a planted `*.pkl`) is ignored with a warning
@@ -35,12 +37,19 @@ from ..plans.plan import Plan
 from .virtual import VirtualRun
 from ..workload import Workload
 
-# 2: joins confirmed by dry runs (constraints.confirmed_joins); 3: the model's own copies of the operands
-# of joins a dry run does not confirm, logged as moves (kind "model", trace.py)
-FORMAT = "xctune-trace/3"
-ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|verdict-[0-9a-f]{24}\.json)")
+# 2: joins confirmed by dry runs (constraints.confirmed_joins); 3: move kind "return"; 4: the model's own
+# copies of the operands of joins a dry run does not confirm, logged as moves (kind "model", trace.py)
+FORMAT = "xctune-trace/4"
+JSON_KINDS = ("verdict", "constraints")
+ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|(verdict|constraints)-[0-9a-f]{24}\.json)")
 log = logging.getLogger("xctune.cache")
 _seen_foreign: set[Path] = set()  # warn once per process about each file that is not ours
+
+
+def default_dir() -> Path:
+    """Where recorded traces are kept between runs: $XCTUNE_CACHE, else ~/.cache/xctune."""
+    root = os.environ.get("XCTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xctune"
+    return Path(root) / "traces"
 
 
 def library_versions() -> dict[str, str]:
@@ -70,31 +79,35 @@ def entry_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / f"trace-{digest}.npz"
 
 
-def verdict_path(cache_dir: Path, key: dict) -> Path:
+def json_entry_path(cache_dir: Path, kind: str, key: dict) -> Path:
+    assert kind in JSON_KINDS, kind
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"verdict-{digest}.json"
+    return Path(cache_dir) / f"{kind}-{digest}.json"
 
 
-def load_verdict(path: Path, key: dict) -> dict | None:
-    """The verdict stored at `path` for `key`, or None (with a warning when the file is not one)."""
+def load_json_entry(path: Path, key: dict) -> dict | None:
+    """The data stored at `path` for `key`, or None (with a warning when the file is not such an entry)."""
     if not path.is_file():
         return None
+    kind = path.name.partition("-")[0]
     try:
         data = json.loads(path.read_text())
         if data.get("key") != key:
-            _warn(f"ignoring {path}: a verdict for another plan, model or library version; checking again")
+            _warn(f"ignoring {path}: a {kind} for another plan, model or library version; computing it again")
             return None
-        return {"ok": bool(data["ok"]), "errors": [str(e) for e in data["errors"]]}
+        if not isinstance(data["data"], dict):
+            raise TypeError("data is not an object")
+        return data["data"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        _warn(f"ignoring {path}: not a readable verdict ({type(e).__name__}); checking again")
+        _warn(f"ignoring {path}: not a readable {kind} entry ({type(e).__name__}); computing it again")
         return None
 
 
-def save_verdict(path: Path, key: dict, ok: bool, errors: list[str]) -> None:
+def save_json_entry(path: Path, key: dict, data: dict) -> None:
     from ..atomic import write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps({"key": key, "ok": ok, "errors": errors}))
+    write_text(path, json.dumps({"key": key, "data": data}))
 
 
 def _warn(message: str) -> None:
