@@ -96,7 +96,8 @@ def test_measured_run_of_saved_weights_agrees_with_the_dry_run(name, checkpoints
 
 def test_image_path_on_another_gpu_is_measured_like_the_dry_run(checkpoints):
     """transformers moves image features to the embeddings' device itself (a no-op between logical devices
-    of one CPU): the executor leaves that verdict to the dry run and counts what accelerate moves."""
+    of one CPU): the executor leaves that verdict to the dry run, counts what accelerate moves, and counts
+    the model's own copy as GPUs make it (from the join it aligns), as the dry run logs it."""
     path, _ = checkpoints["llava-1.5-7b"]
     spec = resolve_model(str(path))
     ex = HostExecutor(spec, W, repeats=1, warmup=0, budget=make_cluster(BUDGET))

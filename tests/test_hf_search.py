@@ -21,6 +21,7 @@ from xctune.reports.report import layout
 from xctune.search.runner import run_search
 from xctune.search.space import SearchSpace, SpaceOptions
 from xctune.search.study import StudySpec
+from xctune.worlds.simulate import simulate
 from xctune.worlds.trace import InvalidPlan, Trace
 from xctune.worlds.virtual import virtual_run
 from xctune.workload import Workload
@@ -65,14 +66,21 @@ def test_trace_keeps_only_joins_the_dry_run_confirms(llava, pali):
     """Inside a trace a class's own `.to(inputs_embeds.device)` is a no-op, so the image features look joined
     with the embeddings; the twin's dry runs drop that. PaliGemma's prefix mask really joins the embeddings
     with the root's tensors (the main GPU)."""
-    joins = {}
+    joins, copies = {}, {}
     for name, p in (("llava", llava), ("pali", pali)):
         tr = Trace(p, W)
         tr.recording(Plan.uniform({u.name: 0 for u in p.units}, "fp16"))
-        joins[name] = {locs for _, locs, _ in next(iter(tr._recordings.values())).run.joins}
+        run = next(iter(tr._recordings.values())).run
+        joins[name] = {locs for _, locs, _ in run.joins}
+        copies[name] = {(m.src, m.dst) for m in run.moves if m.kind == "model"}
         assert tr.joins_main(p.embed_group, "fp16") == (name == "pali")
+    emb, proj = "model.language_model.embed_tokens", "model.multi_modal_projector"
     assert joins["llava"] == set()
-    assert joins["pali"] == {("model.language_model.embed_tokens", "<main>")}
+    assert joins["pali"] == {(emb, "<main>")}
+    # what is not joined the model moves itself, to the embeddings' device (masked_scatter's `self`): LLaVA's
+    # image features and image-token mask (the root's), PaliGemma's image features (its mask stays joined)
+    assert copies["llava"] == {(proj, emb), ("<main>", emb)}
+    assert copies["pali"] == {(proj, emb)}
 
 
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "paligemma-3b"])
@@ -107,6 +115,32 @@ def test_space_and_trace_agree_with_dry_runs(name, llava, pali):
         assert virtual_run(profile, free, W).ok
 
 
+def _bytes_per_phase(moves) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for phase, _, _, nbytes, _ in moves:
+        out[phase] = out.get(phase, 0) + nbytes
+    return out
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2-vl-7b"])
+def test_trace_prices_the_copy_of_the_image_features_as_the_dry_run(name, llava):
+    """A native class moves the image features to the embeddings' GPU itself (`.to(inputs_embeds.device)`):
+    a copy on GPUs, a no-op inside a trace (one physical device). With the image path's last unit (LLaVA's
+    projector; Qwen2-VL's vision tower, its merger inside) on GPU 1 and the embeddings on GPU 0, the trace
+    prices the copy as the full dry run logs it: the same bytes per phase, the same end-to-end time."""
+    profile = llava if name == "llava-1.5-7b" else profile_of(twin(get_preset(name)))
+    plan = Plan.uniform({**{u.name: 0 for u in profile.units}, profile.vision[-1]: 1}, "fp16")
+    cluster = make_cluster("2x1GiB")
+    run = virtual_run(profile, plan, W)
+    est = Trace(profile, W).evaluate(plan, cluster)
+    cfg = profile.config
+    features = cfg.image_tokens() * cfg.data.get("text_config", cfg.data)["hidden_size"] * 2  # fp16
+    assert [(m.phase, m.src, m.dst, m.nbytes) for m in run.moves if m.kind == "model"] == [("prefill", 1, 0, features)]
+    assert [m[:4] for m in est.moves if m[4] == "model"] == [("prefill", 1, 0, features)]
+    assert _bytes_per_phase(est.moves) == _bytes_per_phase([(m.phase, m.src, m.dst, m.nbytes, m.kind) for m in run.moves])
+    assert est.e2e_s * 1e3 == pytest.approx(simulate(profile, plan, W, cluster).e2e_ms.median, rel=1e-9)
+
+
 @pytest.mark.parametrize("name,gpus", [("llava-1.5-7b", GPUS), ("paligemma-3b", GPUS),
                                        ("paligemma-3b", "0.3MiB,2x0.4MiB")])
 def test_exact_optimum_is_the_brute_force_one(name, gpus, llava, pali):
@@ -118,6 +152,21 @@ def test_exact_optimum_is_the_brute_force_one(name, gpus, llava, pali):
     dp, bf = Oracle(tr, space, cluster).solve(), brute_force(tr, space, cluster)
     assert dp.plan is not None and dp.e2e_ms == pytest.approx(bf.e2e_ms, rel=1e-9)
     assert len({d for d in dp.plan.device_map.values()}) > 1  # the budget makes it split
+
+
+def test_exact_optimum_prices_the_copies_the_model_makes(llava):
+    """GPU 0 too small for the embedding group and a layer: the optimum puts the embeddings on GPU 1 and the
+    head on GPU 0 (the root's GPU), so LLaVA copies the image-token mask its root builds on GPU 0 to the
+    embeddings' GPU itself. The dynamic programme prices that copy as the trace does (a move between the
+    main and embedding roles) and lands on the brute force's optimum."""
+    cluster = make_cluster("0.2MiB,0.4MiB")
+    tr = Trace(llava, W)
+    space = SearchSpace(llava, cluster, FP16)
+    dp, bf = Oracle(tr, space, cluster).solve(), brute_force(tr, space, cluster)
+    assert dp.plan is not None and dp.e2e_ms == pytest.approx(bf.e2e_ms, rel=1e-9)
+    est = tr.evaluate(dp.plan, cluster)
+    assert est.e2e_s * 1e3 == pytest.approx(dp.e2e_ms, rel=1e-9)
+    assert [m[:3] for m in est.moves if m[4] == "model"] == [("prefill", 0, 1)]
 
 
 def test_internvl_publishes_its_split_and_repair_keeps_the_embedding_group():

@@ -190,8 +190,15 @@ def confirmed_joins(profile: ModelProfile, joins: list) -> list:
     another GPU (with the units its weights are tied to): where that runs, the unit is not joined.
     The top level and root parameters run on the main device whatever the map says: never probed.
     Joins left with one location are dropped."""
+    return [(op, kept, phase) for (op, _, phase), kept in zip(joins, confirmed_locations(profile, joins))
+            if len(kept) > 1]
+
+
+def confirmed_locations(profile: ModelProfile, joins: list) -> list[tuple]:
+    """Per join of a trace, the locations a dry run confirms are joined (see `confirmed_joins`); the
+    others' tensors the model moves itself (trace.py prices those copies)."""
     if not joins:
-        return joins
+        return []
     twin = profile_of(profile.family.twin())
 
     def joined(unit: str) -> bool:
@@ -199,12 +206,7 @@ def confirmed_joins(profile: ModelProfile, joins: list) -> list:
             return True  # the top level, a root parameter, or a unit the twin lacks: kept as recorded
         return _fails_alone(twin.config, unit)
 
-    out = []
-    for op, locs, phase in joins:
-        kept = tuple(x for x in locs if joined(str(x)))
-        if len(kept) > 1:
-            out.append((op, kept, phase))
-    return out
+    return [tuple(x for x in locs if joined(str(x))) for _, locs, _ in joins]
 
 
 @cache

@@ -17,6 +17,10 @@ is nothing):
 - a move between consecutive layers is paid where a run starts, over the node's link when an
   earlier GPU of the same node holds layers (runs follow each other in GPU order), else over
   the network.
+The copies a model makes itself to align a top-level op's operands (kind "model", trace.py: the
+image features and image-token mask a transformers class sends to its embeddings' device) are
+logged moves like the others, between the root (main role) and the embedding group's units: the
+role terms price them, no special case (tests/test_hf_search.py checks it against brute force).
 So one dynamic programme finds the best plan of a dtype and offload choice. It walks the GPUs
 node by node; a state is (roles placed, the roles this node holds, whether a GPU of this node
 holds layers yet) with a vector over layers placed. Entering a node chooses its roles (refunding

@@ -51,7 +51,8 @@ class Move:
     src: Location
     dst: Location
     nbytes: int
-    kind: str  # "input" (a unit's argument), "return" (the root's result sent back to the caller), "weights" (offload)
+    kind: str  # "input" (a unit's argument), "return" (the root's result sent back to the caller), "weights" (offload),
+    # "model" (a copy the model's own code makes: `image_features.to(inputs_embeds.device)`)
     unit: str  # the unit whose hook made the move
 
 
@@ -75,6 +76,10 @@ class Tracker:
         self.counting = True
         self.unpriced = False  # ops that allocate but are not part of the work: emulated moves, setup
         self.move_dst: Location | None = None  # where an emulated move's copy lands
+        # > 0 while accelerate's own hooks run (opened by xctune's counter in front of them, closed by the
+        # hook after them): the copies made then are the hooks', counted by the counters; a copy between
+        # devices outside is the model's own code moving a tensor (OpRecorder logs it)
+        self.in_hooks = 0
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.listeners: list = []  # objects with enter(unit) / exit(unit), e.g. the OpRecorder
         self.timer = MoveTimer()  # enabled by the real executor on GPUs
@@ -174,6 +179,7 @@ class MoveCounter(ModelHook):
         args = tr.carry(args, self.loc, None, kind="input", unit=self.unit)
         kwargs = tr.carry(kwargs, self.loc, self.skip_keys, kind="input", unit=self.unit)
         tr.timer.start(len(tr.moves) > before)
+        tr.in_hooks += 1
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -191,6 +197,7 @@ class MoveCounter(ModelHook):
             output = tr.carry(output, self._input_loc.pop(), self.skip_keys, kind="return", unit=self.unit)
             tr.timer.start(len(tr.moves) > before)
         tr.exit(self.unit)
+        tr.in_hooks += 1
         return output
 
 
@@ -241,12 +248,19 @@ class MoveTimerEnd(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         self.tracker.timer.end(self.tracker.phase)
+        self._close()
         return args, kwargs
 
     def post_forward(self, module, output):
         if self.is_root:
             self.tracker.timer.end(self.tracker.phase)
+        self._close()
         return output
+
+    def _close(self) -> None:
+        """accelerate's hook in front is done moving (Tracker.in_hooks, opened by the MoveCounter)."""
+        if self.tracker.counting:
+            self.tracker.in_hooks -= 1
 
 
 class StreamCounter(ModelHook):
@@ -355,6 +369,9 @@ class OpRecorder(TorchDispatchMode):
         self.live: dict[Location, int] = defaultdict(int)
         self.peak: dict[Location, int] = defaultdict(int)
         self.joins: list[tuple[str, tuple[Location, ...], str]] = []  # (op, locations, phase) at top level
+        # per join (its index): the copies the model makes where its own code aligns the operands (`x.to(
+        # inputs_embeds.device)`), each operand from its location to the result's (the first operand's)
+        self.join_moves: list[tuple[int, Move]] = []
         self._top: dict = {}
         self.last_op = ""
         tracker.listeners.append(self)
@@ -421,6 +438,33 @@ class OpRecorder(TorchDispatchMode):
             call = self._open[-1] if self._in_unit() else self._top_call(self.tracker.main)
             call.module_calls += 1
 
+    def _model_move(self, packet, args, out) -> None:
+        """Log a copy between two devices that the model's own code makes (accelerate's hooks are not
+        running: Tracker.in_hooks), e.g. `image_features.to(inputs_embeds.device)`. Where logical devices
+        share one physical device (a trace, a CPU run) such a `.to` is a no-op and nothing is seen here:
+        the trace adds these moves from its joins instead (trace.py)."""
+        src, dst = (args[1], args[0]) if packet is aten.copy_ else (args[0], out)
+        if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)) or src.device == dst.device:
+            return
+        tr = self.tracker
+        src_loc, dst_loc = tr.location(src), tr.location(dst)
+        # GPUs only: a copy from the host is the model building a small tensor there (or this dry run's real
+        # copies of data-dependent values, datadep.py), whatever the map; offloaded weights (StreamCounter)
+        # come from the host too
+        if isinstance(src_loc, int) and isinstance(dst_loc, int):
+            tr.record(Move(tr.phase, src_loc, dst_loc, _nbytes(dst), "model", tr.current[0]))
+
+    def _join_moves(self, join: int, operands: list[torch.Tensor], dst: Location) -> None:
+        """The moves of a join's operands to where its result lives, one per tensor (one `.to` each), as
+        the model's code makes them where a dry run shows it aligns them itself (trace.py decides)."""
+        tr, seen = self.tracker, set()
+        for x in operands:
+            loc = tr.location(x)
+            if loc == dst or x.device.type == "meta" or id(x) in seen:
+                continue
+            seen.add(id(x))
+            self.join_moves.append((join, Move(tr.phase, loc, dst, _nbytes(x), "model", ROOT)))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tr = self.tracker
@@ -435,6 +479,8 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if not tr.recording:
             return out
+        if packet in _MOVE_OPS and not tr.collapsed and not tr.in_hooks and not tr.unpriced:
+            self._model_move(packet, args, out)
         in_leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         out_leaves = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
 
@@ -450,6 +496,7 @@ class OpRecorder(TorchDispatchMode):
             locs = tuple(dict.fromkeys(tr.location(x) for x in in_leaves if x.device.type != "meta"))
             if len(locs) > 1 and not tr.unpriced:
                 self.joins.append((str(func.overloadpacket.__name__), locs, tr.phase))
+                self._join_moves(len(self.joins) - 1, in_leaves, locs[0])
             loc = locs[0] if locs else tr.main
             call = self._top_call(loc)
         for o in out_leaves:

@@ -407,7 +407,12 @@ class HostExecutor:
             peak = {dev(i): torch.cuda.max_memory_allocated(i) for i in plan.gpus}
         else:
             peak = None
-        p.counted = {"moves": list(tracker.moves), "transfer_ms": transfer_ms, "kv": kv,
+        moves = list(tracker.moves)
+        if tracker.collapsed:
+            # the copies the model made to align those joins (no-ops here), as separate GPUs make them: each
+            # operand to the device of the op's first operand, as the dry run logs them (kind "model")
+            moves += [m for _, m in rec.join_moves]
+        p.counted = {"moves": moves, "transfer_ms": transfer_ms, "kv": kv,
                      "activation": {dev(k): v for k, v in rec.peak.items() if isinstance(k, int)}, "cuda_peak": peak,
                      "out": out}
         return None

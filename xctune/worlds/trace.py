@@ -9,7 +9,8 @@ call boundary, and the top-level ops that join outputs of several units are note
 
 Evaluating a plan is then arithmetic over that record:
 - a join whose inputs come from units on different devices is the device-mismatch error;
-- a logged move is a transfer exactly when its two units sit on different devices;
+- a logged move is a transfer exactly when its two units sit on different devices (this includes
+  the copies a model makes itself to align a top-level op's operands, where a dry run shows it does);
 - an offloaded unit streams the weights its call reads, and runs on the main device;
 - time: each call's ops priced on its device (cached per call, GPU kind and dtype);
 - memory: per device, the most live bytes over the call boundaries of the units it holds.
@@ -130,10 +131,18 @@ class Trace:
             raise RuntimeError(f"the trace itself failed: {run.failure.describe()}")
         self.seconds += run.seconds
         run.calls = [c for c in run.calls if c.phase != "setup"]
-        run.moves = [m for m in run.moves if m.phase != "setup"]
-        from ..plans.constraints import confirmed_joins
+        from ..plans.constraints import confirmed_locations
 
-        run.joins = confirmed_joins(self.profile, run.joins)
+        # A join a dry run does not confirm is the model aligning the operands itself (transformers' native
+        # classes: `image_features.to(inputs_embeds.device)`), a no-op here where every unit shares one
+        # physical device: its copies become logged moves, from each operand's unit to the result's, priced
+        # like any other where the two sit on different GPUs. What the model copies without a join (a mask
+        # sent to the embeddings' GPU, a tensor sent to `self.device`) a trace cannot see: README, Known limits.
+        kept = [k if len(k) > 1 else () for k in confirmed_locations(self.profile, run.joins)]
+        aligned = [m for j, m in run.join_moves if m.src not in kept[j]]  # a joined operand stays: one device
+        run.moves = [m for m in run.moves + aligned if m.phase != "setup"]
+        run.joins = [(op, k, phase) for (op, _, phase), k in zip(run.joins, kept) if len(k) > 1]
+        run.join_moves = []  # now moves or joins
         return self._arrays(run)
 
     def _arrays(self, run: VirtualRun) -> _Recording:

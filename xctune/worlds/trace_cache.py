@@ -37,7 +37,9 @@ from ..plans.plan import Plan
 from .virtual import VirtualRun
 from ..workload import Workload
 
-FORMAT = "xctune-trace/3"  # 2: joins confirmed by dry runs (constraints.confirmed_joins); 3: move kind "return"
+# 2: joins confirmed by dry runs (constraints.confirmed_joins); 3: move kind "return"; 4: the model's own
+# copies of the operands of joins a dry run does not confirm, logged as moves (kind "model", trace.py)
+FORMAT = "xctune-trace/4"
 JSON_KINDS = ("verdict", "constraints")
 ENTRY = re.compile(r"(trace-[0-9a-f]{24}\.npz|(verdict|constraints)-[0-9a-f]{24}\.json)")
 log = logging.getLogger("xctune.cache")

@@ -54,6 +54,7 @@ class VirtualRun:
     peak_bytes: dict[Location, int] = field(default_factory=dict)  # activations + KV cache, live peak
     kv_bytes: dict[Location, int] = field(default_factory=dict)  # KV cache at full length
     joins: list = field(default_factory=list)  # top-level ops whose inputs came from several devices
+    join_moves: list = field(default_factory=list)  # (join index, Move): its operands moved to its result's device
     main: Location = 0
     seconds: float = 0.0
 
@@ -176,6 +177,6 @@ def virtual_run(
     if tracker is not None:
         run.moves = tracker.moves
     if rec is not None:
-        run.calls, run.peak_bytes, run.joins = rec.calls, dict(rec.peak), rec.joins
+        run.calls, run.peak_bytes, run.joins, run.join_moves = rec.calls, dict(rec.peak), rec.joins, rec.join_moves
     run.seconds = time.perf_counter() - t0
     return run
