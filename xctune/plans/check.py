@@ -485,22 +485,17 @@ def check_verdict(plan: Plan, profile: ModelProfile, cluster: Cluster, workload:
 
     from ..worlds import trace_cache
 
-    path = key = None
-    if cache_dir is not None:
-        key = {"format": "xctune-verdict/2", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
-               "workload": workload.to_dict(), "cluster": repr(cluster), "plan": plan.to_dict(),
-               "versions": trace_cache.library_versions(),
-               **({"tied_copies": True} if tied_copies else {})}  # absent otherwise: earlier verdicts stay valid
-        key = json.loads(json.dumps(key, sort_keys=True, default=repr))  # as it reads back from the file
-        path = trace_cache.json_entry_path(cache_dir, "verdict", key)
-        kept = trace_cache.load_json_entry(path, key)
-        if kept is not None:
-            try:
-                return Verdict(bool(kept["ok"]), tuple(str(e) for e in kept["errors"]), cached=True)
-            except (KeyError, TypeError):
-                pass  # an entry of the right key but not a verdict's shape: checked again, written over
-    report = check(plan, profile, cluster, workload, tied_copies=tied_copies)
-    verdict = Verdict(report.ok, tuple(f.message for f in report.errors))
-    if path is not None:
-        trace_cache.save_json_entry(path, key, {"ok": verdict.ok, "errors": list(verdict.errors)})
-    return verdict
+    key = {"format": "xctune-verdict/2", "model": json.loads(json.dumps(asdict(profile.config), default=repr)),
+           "workload": workload.to_dict(), "cluster": repr(cluster), "plan": plan.to_dict(),
+           "versions": trace_cache.library_versions(),
+           **({"tied_copies": True} if tied_copies else {})}  # absent otherwise: earlier verdicts stay valid
+
+    def judge() -> Verdict:
+        report = check(plan, profile, cluster, workload, tied_copies=tied_copies)
+        return Verdict(report.ok, tuple(f.message for f in report.errors))
+
+    return trace_cache.cached_json(
+        cache_dir, "verdict", key, judge,
+        encode=lambda v: {"ok": v.ok, "errors": list(v.errors)},
+        decode=lambda d: Verdict(bool(d["ok"]), tuple(str(e) for e in d["errors"]), cached=True),
+    )

@@ -117,31 +117,25 @@ def constraint_report(profile: ModelProfile, cache_dir=None, log=None) -> Constr
     """The constraints of `profile`'s model, found by dry runs of its twin, or read from `cache_dir`
     where the same twin was probed with the same library versions (trace_cache.py: plain JSON with
     its key). `log` hears about the dry runs before they start (they take seconds to a minute)."""
-    import json
     from dataclasses import asdict
 
     from ..worlds import trace_cache
 
     twin_config = profile.family.twin()
-    path = key = None
-    if cache_dir is not None:
-        key = json.loads(json.dumps({"format": FORMAT, "twin": asdict(twin_config),
-                                     "versions": trace_cache.library_versions()}, sort_keys=True, default=repr))
-        path = trace_cache.json_entry_path(cache_dir, "constraints", key)
-        kept = trace_cache.load_json_entry(path, key)
-        if kept is not None:
-            try:
-                probes = [Probe(str(p["unit"]), str(p["placement"]), bool(p["runs"]), str(p["cause"])) for p in kept["probes"]]
-                joins = [(str(op), tuple(str(u) for u in units)) for op, units in kept["joins"]]
-                return _report(profile, probes, joins)
-            except (KeyError, TypeError, ValueError):
-                pass  # the right key but not this shape: probed again, written over
-    if log is not None:
-        log(f"discovering the constraints of {profile.config.name}: dry runs of its twin, each part moved "
-            f"(once per model and library versions)...")
-    probes, joins = _probe_twin(twin_config)
-    if path is not None:
-        trace_cache.save_json_entry(path, key, {"probes": [p.__dict__ for p in probes], "joins": [list(j) for j in joins]})
+    key = {"format": FORMAT, "twin": asdict(twin_config), "versions": trace_cache.library_versions()}
+
+    def probe():
+        if log is not None:
+            log(f"discovering the constraints of {profile.config.name}: dry runs of its twin, each part moved "
+                f"(once per model and library versions)...")
+        return _probe_twin(twin_config)
+
+    probes, joins = trace_cache.cached_json(
+        cache_dir, "constraints", key, probe,
+        encode=lambda pj: {"probes": [p.__dict__ for p in pj[0]], "joins": [list(j) for j in pj[1]]},
+        decode=lambda d: ([Probe(str(p["unit"]), str(p["placement"]), bool(p["runs"]), str(p["cause"])) for p in d["probes"]],
+                          [(str(op), tuple(str(u) for u in units)) for op, units in d["joins"]]),
+    )
     return _report(profile, probes, joins)
 
 

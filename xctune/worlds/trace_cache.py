@@ -79,6 +79,25 @@ def entry_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / f"trace-{digest}.npz"
 
 
+def cached_json(cache_dir: Path | None, kind: str, key: dict, compute, encode, decode):
+    """`decode(data)` of the `kind` entry stored for `key` in `cache_dir`; else `compute()`, whose result is
+    written there as `encode(result)`. Without a cache folder, `compute()` alone. An entry of this key
+    that `decode` cannot read (KeyError, TypeError, ValueError) is computed again and written over."""
+    if cache_dir is None:
+        return compute()
+    key = json.loads(json.dumps(key, sort_keys=True, default=repr))  # as it reads back from the file
+    path = json_entry_path(cache_dir, kind, key)
+    data = load_json_entry(path, key)
+    if data is not None:
+        try:
+            return decode(data)
+        except (KeyError, TypeError, ValueError):
+            pass
+    result = compute()
+    save_json_entry(path, key, encode(result))
+    return result
+
+
 def json_entry_path(cache_dir: Path, kind: str, key: dict) -> Path:
     assert kind in JSON_KINDS, kind
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
